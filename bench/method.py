@@ -1,0 +1,200 @@
+"""The method contract: what every registration method receives and returns.
+
+A method never reads files, computes metrics or times itself: the harness does all of that. It gets
+the two images of one pair in a *working frame* (after the shared preprocessing, when it uses it) and
+returns an :class:`Estimate`: an affine matrix that maps **moving (source) working-frame points into the
+fixed (target) working frame**. The harness turns that into one matrix in original pixel coordinates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+from bench.geometry import as_3x3
+
+
+class RegistrationFailed(RuntimeError):
+    """Raised by a method that detects that it could not register the pair (with the reason).
+
+    The harness records the pair as ``failed`` with this message instead of scoring a wild matrix.
+    """
+
+
+@dataclass(frozen=True)
+class ImageView:
+    """One image of a pair, as a method sees it.
+
+    Attributes
+    ----------
+    image : (H, W) float32 array in [0, 1]
+        Grayscale, inverted (tissue bright, glass dark); outside ``mask`` it is 0 when the shared
+        preprocessing ran.
+    mask : (H, W) bool array
+        Tissue mask (all True when the method does not use the shared preprocessing).
+    rgb : (H, W, 3) uint8 array or None
+        The colour image in the same frame, for methods that want colour.
+    """
+
+    image: np.ndarray
+    mask: np.ndarray
+    rgb: np.ndarray | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.image.shape[:2]
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a method may know about the call besides the images."""
+
+    device: str = "cpu"
+    seed: int = 0
+    pair_id: str = ""
+
+
+@dataclass
+class Estimate:
+    """A method's answer: ``matrix`` (2x3 or 3x3) maps moving working-frame points to the fixed frame.
+
+    ``diagnostics`` holds JSON-serialisable extras (inlier counts, optimiser stop condition...).
+    """
+
+    matrix: np.ndarray
+    diagnostics: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.matrix = as_3x3(self.matrix)
+
+
+@dataclass(frozen=True)
+class NoParams:
+    """Parameters of a method that has none."""
+
+
+class Method:
+    """Base class of every registration method. Subclass it in one file under ``methods/``.
+
+    Class attributes to set:
+
+    ``name``
+        registry key (lower-case, used on the command line);
+    ``version``
+        bump it whenever the method's behaviour changes (it is stored in every result row);
+    ``uses_preprocessing``
+        True: gets the output of the shared preprocessing (masked, inverted, initial rotation applied);
+        False: gets the images resampled to the working size only (grayscale, inverted, no mask);
+    ``devices``
+        devices it can run on, e.g. ``("cpu", "cuda")``;
+    ``requires``
+        importable module names of optional dependencies; missing ones make it *unavailable*;
+    ``Params``
+        a frozen dataclass of typed, defaulted parameters (``Method()`` must always work).
+    """
+
+    name: ClassVar[str] = ""
+    version: ClassVar[str] = "1"
+    description: ClassVar[str] = ""
+    uses_preprocessing: ClassVar[bool] = True
+    devices: ClassVar[tuple[str, ...]] = ("cpu",)
+    requires: ClassVar[tuple[str, ...]] = ()
+    Params: ClassVar[type] = NoParams
+
+    def __init__(self, **params: Any) -> None:
+        self.params = make_params(self.Params, params, owner=self.name)
+
+    # -- availability -------------------------------------------------------------------------
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        """None when the method can run here, else why not (checked without importing anything)."""
+        missing = [m for m in cls.requires if importlib.util.find_spec(m) is None]
+        if missing:
+            return f"missing optional dependency: {', '.join(missing)}"
+        return None
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def prepare(self, context: Context) -> None:
+        """Once per process before the first call (load weights, build models). Not timed."""
+
+    def estimate(self, fixed: ImageView, moving: ImageView, context: Context) -> Estimate:
+        """Return the affine matrix mapping ``moving`` working-frame points into ``fixed``'s frame."""
+        raise NotImplementedError
+
+    # -- helpers ------------------------------------------------------------------------------
+    def device_for(self, requested: str) -> str:
+        """The device this method will actually use for a requested one."""
+        return requested if requested in self.devices else self.devices[0]
+
+    def params_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self.params)
+
+    def params_json(self) -> str:
+        return json.dumps(self.params_dict(), sort_keys=True, default=str)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.params_dict()})"
+
+
+def _coerce(value: Any, typ: Any, where: str) -> Any:
+    """Convert a command-line string to a dataclass field's declared type."""
+    if not isinstance(value, str):
+        return value
+    origin = typing.get_origin(typ)
+    args = typing.get_args(typ)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value.lower() in ("none", "null", "") and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except ValueError:
+                continue
+        raise ValueError(f"{where}: cannot read {value!r} as {typ}")
+    if origin is typing.Literal:
+        if value not in args:
+            raise ValueError(f"{where}: {value!r} is not one of {list(args)}")
+        return value
+    if typ is bool:
+        low = value.lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{where}: {value!r} is not a boolean (true/false)")
+    if typ in (int, float, str):
+        try:
+            return typ(value)
+        except ValueError:
+            raise ValueError(f"{where}: {value!r} is not a valid {typ.__name__}") from None
+    if origin is tuple:
+        parts = [p for p in value.strip("()[] ").split(",") if p.strip()]
+        inner = args[0] if args else str
+        return tuple(_coerce(p.strip(), inner, where) for p in parts)
+    return value
+
+
+def make_params(params_cls: type, values: dict[str, Any], owner: str = "") -> Any:
+    """Build a parameters dataclass, converting strings to the declared types, refusing unknown keys."""
+    fields = {f.name: f for f in dataclasses.fields(params_cls)}
+    hints = typing.get_type_hints(params_cls)
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        import difflib
+
+        hints_txt = []
+        for u in unknown:
+            close = difflib.get_close_matches(u, list(fields), n=1)
+            hints_txt.append(f"{u!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        known = ", ".join(fields) or "none"
+        raise ValueError(f"{owner or params_cls.__name__}: unknown parameter {', '.join(hints_txt)}; known: {known}")
+    converted = {k: _coerce(v, hints[k], f"{owner}.{k}") for k, v in values.items()}
+    return params_cls(**converted)
