@@ -1,0 +1,230 @@
+"""The runner end to end on tiny tables: rows, scores, bad input, failures, timeouts, resume, workers."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench import Method, geometry, registry
+from bench.datasets.anhir import load_table, read_landmarks
+from bench.method import Estimate, RegistrationFailed
+from bench.runner import RunConfig, RunError, run
+from bench.store import COLUMNS
+
+
+def _rows(out: Path) -> list[dict]:
+    with (out / "results.csv").open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _run(table, out, methods="identity,preprocessed", **kw):
+    return run(RunConfig(dataset=table, out=out, methods=methods, cache_enabled=False, device="cpu", **kw))
+
+
+def test_rows_scores_and_outputs(tiny_table: Path, tmp_path: Path):
+    out = tmp_path / "run"
+    summary = _run(tiny_table, out)
+    rows = _rows(out)
+    assert summary.written == 6 and len(rows) == 6
+    assert list(rows[0]) == list(COLUMNS)
+    assert {r["status"] for r in rows} == {"ok"}
+    for pair in load_table(tiny_table):  # identity: rTRE equals the initial error, computed here
+        row = next(r for r in rows if r["pair_id"] == pair.pair_id and r["method"] == "identity")
+        err = np.linalg.norm(read_landmarks(pair.source_landmarks) - read_landmarks(pair.target_landmarks), axis=1)
+        assert float(row["rtre_median"]) == pytest.approx(np.median(err) / pair.diagonal, rel=1e-9)
+        assert float(row["ire_median"]) == pytest.approx(float(row["rtre_median"]), rel=1e-9)
+        np.testing.assert_allclose(np.array(json.loads(row["matrix"])), np.eye(3), atol=1e-9)
+        warped = read_landmarks(out / "warped-landmarks" / "identity" / f"{pair.pair_id}.csv")
+        np.testing.assert_allclose(warped, read_landmarks(pair.source_landmarks), atol=1e-9)
+        assert row["tissue"] == pair.tissue
+    manifest = json.loads((out / "run.json").read_text())
+    for key in ("command", "git_commit", "packages", "machine", "dataset", "preprocess", "methods",
+                "reference_time_s", "success_threshold"):
+        assert key in manifest
+    assert len(manifest["dataset"]["sha256"]) == 64
+
+
+def test_bad_inputs_fail_their_rows_only(tiny_table: Path, tmp_path: Path):
+    root = tiny_table.parent
+    (root / "kidney_1/scale-100pc/s0_source.jpg").unlink()  # missing image
+    (root / "kidney_2/scale-100pc/s1_target.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    lines = tiny_table.read_text().splitlines()
+    extra = lines[3].replace("2,", "3,", 1)  # a 4th pair whose landmark file has a bad header
+    bad_lnd = root / "bad.csv"
+    bad_lnd.write_text(",A,B\n1,2,3\n")
+    extra = extra.replace("lung-lesion_1/scale-100pc/s2_source.csv", "bad.csv")
+    tiny_table.write_text("\n".join([*lines, extra]) + "\n")
+    out = tmp_path / "run"
+    _run(tiny_table, out)
+    by_pair = {}
+    for r in _rows(out):
+        by_pair.setdefault(r["pair_id"], set()).add((r["status"], r["error"].split(":")[0]))
+    status = {p: {s for s, _ in v} for p, v in by_pair.items()}
+    assert status == {"0": {"failed"}, "1": {"failed"}, "2": {"ok"}, "3": {"failed"}}
+    errors = {r["pair_id"]: r["error"] for r in _rows(out)}
+    assert "s0_source.jpg" in errors["0"] and "not found" in errors["0"]
+    assert "s1_target.jpg" in errors["1"] and "decode" in errors["1"]
+    assert "bad.csv" in errors["3"] and "header" in errors["3"]
+
+
+def test_flat_image_is_a_clear_error(tiny_table: Path, tmp_path: Path):
+    import cv2
+
+    flat = tiny_table.parent / "kidney_1/scale-100pc/s0_target.jpg"
+    cv2.imwrite(str(flat), np.full((180, 240, 3), 240, np.uint8))
+    out = tmp_path / "run"
+    _run(tiny_table, out, methods="preprocessed")
+    row = next(r for r in _rows(out) if r["pair_id"] == "0")
+    assert row["status"] == "failed" and "s0_target.jpg" in row["error"]
+
+
+@pytest.fixture
+def test_methods():
+    """Register methods that fail, time out or report failure, then remove them."""
+
+    @registry.register
+    class Crashes(Method):
+        name = "test-crashes"
+        uses_preprocessing = False
+
+        def estimate(self, fixed, moving, context):
+            raise ZeroDivisionError("boom")
+
+    @registry.register
+    class Gives(Method):
+        name = "test-gives-up"
+        uses_preprocessing = False
+
+        def estimate(self, fixed, moving, context):
+            raise RegistrationFailed("only 2 inliers")
+
+    @registry.register
+    class Slow(Method):
+        name = "test-slow"
+        uses_preprocessing = False
+        calls = 0
+
+        def estimate(self, fixed, moving, context):
+            type(self).calls += 1
+            if type(self).calls > 1:  # the warm-up call is quick, the timed ones are not
+                time.sleep(5)
+            return Estimate(np.eye(3))
+
+    @registry.register
+    class Shifts(Method):
+        name = "test-shift"
+        uses_preprocessing = False
+
+        def estimate(self, fixed, moving, context):
+            return Estimate(geometry.translation(2.0, 0.0))
+
+    yield
+    for n in ("test-crashes", "test-gives-up", "test-slow", "test-shift"):
+        registry._REGISTRY.pop(n, None)
+
+
+def test_failures_and_timeouts_become_rows(tiny_table: Path, tmp_path: Path, test_methods):
+    out = tmp_path / "run"
+    _run(tiny_table, out, methods="test-crashes,test-gives-up,test-slow,identity", timeout_s=0.5)
+    rows = _rows(out)
+    assert len(rows) == 12
+    got = {(r["method"], r["status"]) for r in rows}
+    assert got == {("test-crashes", "failed"), ("test-gives-up", "failed"), ("test-slow", "timeout"),
+                   ("identity", "ok")}
+    crash = next(r for r in rows if r["method"] == "test-crashes")
+    assert crash["error"] == "ZeroDivisionError: boom" and crash["success"] == "False"
+    assert crash["fallback"] == "True" and crash["rtre_median"]  # scored with the fallback matrix
+    gave = next(r for r in rows if r["method"] == "test-gives-up")
+    assert "only 2 inliers" in gave["error"]
+
+
+def test_matrix_is_in_original_coordinates(tiny_table: Path, tmp_path: Path, test_methods):
+    """A working-frame translation of 2 px becomes 2/scale px in the original frame."""
+    out = tmp_path / "run"
+    _run(tiny_table, out, methods="test-shift", overrides={"preprocess": {"working_size": "120"}})
+    row = _rows(out)[0]
+    m = np.array(json.loads(row["matrix"]))
+    assert m[0, 2] == pytest.approx(2.0 * 240 / 120, rel=1e-6)
+    assert m[0, 0] == pytest.approx(1.0) and m[1, 2] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_resume_skips_stored_rows_and_repairs_a_cut_line(tiny_table: Path, tmp_path: Path):
+    out = tmp_path / "run"
+    _run(tiny_table, out, limit=1)
+    assert len(_rows(out)) == 2
+    with (out / "results.csv").open("a") as fh:  # a line half-written when the run was killed
+        fh.write("1,kidney,identity,1,ok,,12,0.01")
+    summary = _run(tiny_table, out)
+    rows = _rows(out)
+    keys = [(r["pair_id"], r["method"]) for r in rows]
+    assert len(keys) == len(set(keys)) == 6
+    assert summary.already == 2 and summary.written == 4
+
+
+def test_resume_refuses_other_parameters(tiny_table: Path, tmp_path: Path):
+    out = tmp_path / "run"
+    _run(tiny_table, out, limit=1)
+    with pytest.raises(RunError, match="other preprocessing parameters"):
+        _run(tiny_table, out, overrides={"preprocess": {"working_size": "100"}})
+
+
+def test_killed_run_resumes_without_duplicates(tiny_table: Path, tmp_path: Path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "bench", "run", "--dataset", str(tiny_table), "--out", str(out),
+           "--methods", "identity,preprocessed", "--no-cache", "--device", "cpu"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "results.csv").exists() and len((out / "results.csv").read_text().splitlines()) >= 2:
+            proc.kill()
+            break
+        time.sleep(0.05)
+    proc.wait()
+    subprocess.run(cmd, check=True, capture_output=True)
+    keys = [(r["pair_id"], r["method"]) for r in _rows(out)]
+    assert sorted(keys) == sorted({(p, m) for p in "012" for m in ("identity", "preprocessed")})
+
+
+def test_workers_give_the_same_results(tiny_table: Path, tmp_path: Path):
+    _run(tiny_table, tmp_path / "one")
+    _run(tiny_table, tmp_path / "two", workers=2)
+    def key(rows):
+        return sorted((r["pair_id"], r["method"], r["rtre_median"], r["matrix"]) for r in rows)
+    assert key(_rows(tmp_path / "one")) == key(_rows(tmp_path / "two"))
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--methods", "nosuch"], "unknown method 'nosuch'"),
+        (["--methods", "identty"], "did you mean 'identity'"),
+        (["--methods", "identity", "--set", "identity.foo=1"], "unknown parameter 'foo'"),
+        (["--methods", "identity", "--set", "nonsense"], "expected METHOD.PARAM=VALUE"),
+        (["--methods", "identity", "--set", "preprocess.working_size=abc"], "not a valid int"),
+    ],
+)
+def test_cli_refuses_bad_arguments_before_work(tiny_table: Path, tmp_path: Path, args, message):
+    out = tmp_path / "never"
+    proc = subprocess.run([sys.executable, "-m", "bench", "run", "--dataset", str(tiny_table), "--out", str(out),
+                           *args], capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert message in " ".join(proc.stderr.split())
+    assert not (out / "results.csv").exists()
+
+
+def test_cli_unknown_option_exits_nonzero():
+    proc = subprocess.run([sys.executable, "-m", "bench", "run", "--bogus"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "unrecognized arguments" in proc.stderr
+
+
+def test_list_shows_methods():
+    proc = subprocess.run([sys.executable, "-m", "bench", "list"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "identity" in proc.stdout and "preprocessed" in proc.stdout
