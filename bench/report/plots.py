@@ -1,0 +1,204 @@
+"""The report's plots (matplotlib + seaborn), each saved as PNG and SVG at paper size.
+
+Every plot colours a method label with the same colour (:func:`palette`); the state before registration is
+always grey. Figures are built on :class:`matplotlib.figure.Figure` directly (no pyplot state), so the
+report works headless and in threads.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+
+import matplotlib as mpl
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.figure import Figure
+
+INITIAL = "initial (no registration)"
+INITIAL_COLOUR = (0.45, 0.45, 0.45)
+FLOOR = 1e-5  # rTRE below this is drawn at it on log axes (a perfect synthetic match is 0)
+MAX_CURVE_POINTS = 4000
+STYLE = {
+    "font.size": 8,
+    "axes.titlesize": 9,
+    "axes.labelsize": 8,
+    "legend.fontsize": 7,
+    "xtick.labelsize": 7,
+    "ytick.labelsize": 7,
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "svg.fonttype": "none",
+    "savefig.bbox": "tight",
+}
+WIDTH = 6.0  # inches: readable at full text width of a two-column paper and at column width when halved
+
+
+def palette(labels: list[str]) -> dict[str, tuple[float, float, float]]:
+    """One fixed colour per label, in the given order (colour-blind safe up to 10 labels)."""
+    colours = sns.color_palette("colorblind" if len(labels) <= 10 else "husl", len(labels))
+    return {label: tuple(c) for label, c in zip(labels, colours, strict=True)}
+
+
+def save(fig: Figure, out_dir: Path, stem: str) -> dict[str, Path]:
+    """Write ``stem.png`` (200 dpi) and ``stem.svg``; return both paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"png": out_dir / f"{stem}.png", "svg": out_dir / f"{stem}.svg"}
+    fig.savefig(paths["png"], dpi=200)
+    fig.savefig(paths["svg"])
+    return paths
+
+
+def _curve(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Empirical CDF points ``(x, F(x))``, thinned to quantiles when there are very many values."""
+    x = np.sort(np.maximum(np.asarray(values, float), FLOOR))
+    if x.size > MAX_CURVE_POINTS:
+        p = np.linspace(0.0, 1.0, MAX_CURVE_POINTS)
+        return np.quantile(x, p), p
+    return x, np.arange(1, x.size + 1) / x.size
+
+
+def cdf_plot(after: pd.DataFrame, before: pd.DataFrame, colours: dict, out_dir: Path) -> dict[str, Path]:
+    """Figure 2: cumulative distribution of landmark rTRE per method (log x axis)."""
+    with mpl.rc_context(STYLE):
+        fig = Figure(figsize=(WIDTH, 3.6))
+        ax = fig.subplots()
+        if len(before):
+            x, p = _curve(before["rtre"].to_numpy())
+            ax.step(
+                x,
+                p,
+                where="post",
+                color=INITIAL_COLOUR,
+                ls="--",
+                lw=1.2,
+                label=f"{INITIAL} (n={len(before)})",
+            )
+        for label, colour in colours.items():
+            err = after.loc[after["label"] == label, "rtre"].to_numpy()
+            if err.size:
+                x, p = _curve(err)
+                ax.step(x, p, where="post", color=colour, lw=1.5, label=f"{label} (n={err.size})")
+        ax.set_xscale("log")
+        ax.set_ylim(0, 1.01)
+        ax.set_xlabel(
+            f"landmark rTRE (TRE / image diagonal), log scale; values below {FLOOR:g} drawn at {FLOOR:g}"
+        )
+        ax.set_ylabel("fraction of landmarks ≤ x")
+        ax.set_title("Figure 2: cumulative distribution of landmark rTRE")
+        ax.legend(loc="upper left", frameon=True)
+        return save(fig, out_dir, "figure2_cdf")
+
+
+def success_at(df: pd.DataFrame, threshold: float) -> pd.Series:
+    """Success rate [%] per label when success means status ok and median rTRE ≤ ``threshold``.
+
+    The denominator is the label's evaluable rows (as in Table 1).
+    """
+    rows = df[df["evaluable"]]
+    ok = (rows["status"] == "ok") & (rows["rtre_median"] <= threshold)
+    return ok.groupby(rows["label"], sort=False).mean() * 100.0
+
+
+def success_curve(df: pd.DataFrame, colours: dict, threshold: float, out_dir: Path) -> dict[str, Path]:
+    """Success rate against the success threshold, with the run's threshold marked."""
+    grid = np.logspace(-3.5, 0, 240)
+    curves = pd.DataFrame({t: success_at(df, t) for t in grid})
+    with mpl.rc_context(STYLE):
+        fig = Figure(figsize=(WIDTH, 3.4))
+        ax = fig.subplots()
+        for label, colour in colours.items():
+            if label in curves.index:
+                ax.plot(grid, curves.loc[label].to_numpy(), color=colour, lw=1.5, label=label)
+        ax.axvline(threshold, color="k", ls=":", lw=1, label=f"threshold used: {threshold:g}")
+        ax.set_xscale("log")
+        ax.set_ylim(-2, 102)
+        ax.set_xlabel("success threshold on per-pair median rTRE, log scale")
+        ax.set_ylabel("success rate [%]")
+        ax.set_title("Success rate against the success threshold")
+        ax.legend(loc="upper left")
+        return save(fig, out_dir, "success_vs_threshold")
+
+
+def pair_boxplot(df: pd.DataFrame, colours: dict, threshold: float, out_dir: Path) -> dict[str, Path]:
+    """Per-pair median rTRE per method: box plot plus one point per pair (log axis)."""
+    data = df[df["scored"]].copy()
+    data["rtre_plot"] = np.maximum(data["rtre_median"], FLOOR)
+    order = [lab for lab in colours if lab in set(data["label"])]
+    with mpl.rc_context(STYLE), warnings.catch_warnings():
+        fig = Figure(figsize=(WIDTH, 0.9 + 0.45 * len(order)))
+        ax = fig.subplots()
+        warnings.filterwarnings("ignore", message=".*vert: bool.*")  # seaborn 0.13 on matplotlib 3.11
+        kw = dict(data=data, x="rtre_plot", y="label", order=order, hue="label", hue_order=order,
+                  palette=colours, ax=ax, legend=False)  # fmt: skip
+        sns.boxplot(**kw, showfliers=False, fill=False, width=0.6, log_scale=True)
+        sns.stripplot(**kw, size=3, alpha=0.7, jitter=0.2)
+        ax.axvline(threshold, color="k", ls=":", lw=1)
+        ax.set_xlabel(f"per-pair median rTRE, log scale (dotted: success threshold {threshold:g})")
+        ax.set_ylabel("")
+        ax.set_title("Per-pair median rTRE (one point per pair)")
+        return save(fig, out_dir, "pairs_rtre")
+
+
+def accuracy_time(df: pd.DataFrame, boot: pd.DataFrame, summary: pd.DataFrame, colours: dict,
+                  out_dir: Path) -> dict[str, Path]:  # fmt: skip
+    """Accuracy against time: one faint point per pair, one marker per method (mean time, median rTRE with
+    its 95 % bootstrap interval)."""
+    data = df[df["scored"] & np.isfinite(df["time_s"]) & (df["time_s"] > 0)]
+    with mpl.rc_context(STYLE):
+        fig = Figure(figsize=(WIDTH, 3.6))
+        ax = fig.subplots()
+        for label, colour in colours.items():
+            rows = data[data["label"] == label]
+            ax.scatter(
+                rows["time_s"] * 1000,
+                np.maximum(rows["rtre_median"], FLOOR),
+                s=6,
+                color=colour,
+                alpha=0.3,
+                lw=0,
+            )
+            s = summary[summary["label"] == label]
+            b = boot[boot["label"] == label]
+            if (
+                s.empty
+                or b.empty
+                or not math.isfinite(s["mean_time_ms"].iloc[0])
+                or s["mean_time_ms"].iloc[0] <= 0
+            ):
+                continue
+            t, m = s["mean_time_ms"].iloc[0], max(b["median_rtre"].iloc[0], FLOOR)
+            lo, hi = (max(b[c].iloc[0], FLOOR) for c in ("median_rtre_ci_low", "median_rtre_ci_high"))
+            yerr = [[max(m - lo, 0)], [max(hi - m, 0)]] if math.isfinite(lo) else None
+            ax.errorbar(
+                [t], [m], yerr=yerr, fmt="o", ms=7, color=colour, mec="k", mew=0.6, capsize=3, label=label
+            )
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("method time per pair [ms], log scale (marker: mean)")
+        ax.set_ylabel("per-pair median rTRE, log scale")
+        ax.set_title("Accuracy against time (marker: median rTRE with 95 % CI)")
+        ax.legend(loc="best")
+        return save(fig, out_dir, "accuracy_vs_time")
+
+
+def tissue_success(tissue_table: pd.DataFrame, colours: dict, out_dir: Path) -> dict[str, Path]:
+    """Success rate per tissue and method (grouped bars)."""
+    order = [lab for lab in colours if lab in set(tissue_table["label"])]
+    tissues = sorted(set(tissue_table["tissue"]))
+    with mpl.rc_context(STYLE):
+        fig = Figure(figsize=(WIDTH, 3.4))
+        ax = fig.subplots()
+        sns.barplot(data=tissue_table, x="tissue", y="success_rate_pct", hue="label", order=tissues,
+                    hue_order=order, palette=colours, ax=ax)  # fmt: skip
+        ax.set_ylim(0, 105)
+        ax.set_xlabel("")
+        ax.set_ylabel("success rate [%]")
+        ax.set_title("Success rate per tissue")
+        ax.tick_params(axis="x", rotation=30)
+        for tick in ax.get_xticklabels():
+            tick.set_horizontalalignment("right")
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+        return save(fig, out_dir, "success_per_tissue")

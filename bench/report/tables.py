@@ -1,0 +1,252 @@
+"""Table 1 of the paper (and the same per tissue and per pair status), written as CSV, Markdown, LaTeX, HTML.
+
+Definitions (over the rows of one method label, i.e. one (method, device) of one run):
+
+* ``pairs``: all rows; ``pairs_scored``: rows with a finite ``rtre_median``; ``failures``: rows with
+  status ``failed`` or ``timeout`` (they may still be scored, with the fallback matrix);
+* ``median_rtre`` / ``average_rtre``: median / mean over scored pairs of the per-pair median rTRE
+  (ANHIR's "Median-Median rTRE" / "Average-Median rTRE", the paper's "median" and "average" columns);
+* ``average_max_rtre``: mean over scored pairs of the per-pair max rTRE ("Average-Max rTRE");
+* ``mean_time_ms``: mean method time ``time_s`` in ms over rows with a time, timeouts left out (their
+  time is the limit, not the method's);
+* ``success_rate_pct``: 100 x (rows with ``success`` True) / evaluable rows (scored rows plus failed and
+  timed-out rows; ``unscored`` rows, which have no ground truth, are left out);
+* ``robustness_mean``: mean over scored pairs of ``robustness``.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from bench.report.load import FAILURE_STATUSES
+
+NUMBER_COLUMNS = (
+    "median_rtre", "average_rtre", "average_max_rtre", "mean_time_ms", "success_rate_pct",
+    "robustness_mean", "pairs_scored", "failures", "n", "median_a", "median_b", "median_difference",
+    "a_better_pct", "statistic", "p_value", "p_holm", "n_evaluable", "success_ci_low_pct",
+    "success_ci_high_pct", "n_scored", "median_rtre_ci_low", "median_rtre_ci_high", "ok", "failed",
+    "timeout", "unscored", "fallback_scored",
+)  # fmt: skip
+DISPLAY = {
+    "label": "Method",
+    "device": "Device",
+    "run": "Run",
+    "tissue": "Tissue",
+    "pair_status": "Pair status",
+    "median_rtre": "Median rTRE",
+    "average_rtre": "Average rTRE",
+    "average_max_rtre": "Avg max rTRE",
+    "mean_time_ms": "Time [ms]",
+    "success_rate_pct": "Success [%]",
+    "robustness_mean": "Robustness",
+    "pairs_scored": "Pairs scored",
+    "failures": "Failures",
+    "ok": "ok",
+    "fallback_scored": "Scored with fallback",
+    "method_a": "Method A",
+    "method_b": "Method B",
+    "n": "n pairs",
+    "median_a": "Median A",
+    "median_b": "Median B",
+    "median_difference": "Median of A − B",
+    "a_better_pct": "A better [%]",
+    "statistic": "W",
+    "p_value": "p",
+    "p_holm": "p (Holm)",
+    "note": "Note",
+    "n_evaluable": "n evaluable",
+    "success_ci_low_pct": "Success CI low",
+    "success_ci_high_pct": "Success CI high",
+    "n_scored": "n scored",
+    "median_rtre_ci_low": "Median CI low",
+    "median_rtre_ci_high": "Median CI high",
+}
+SIGNIFICANT = ("p_value", "p_holm")
+DECIMALS = {
+    "median_rtre": 4, "average_rtre": 4, "average_max_rtre": 4, "mean_time_ms": 2,
+    "success_rate_pct": 2, "robustness_mean": 3, "median_a": 4, "median_b": 4, "median_difference": 4,
+    "a_better_pct": 1, "statistic": 1, "success_ci_low_pct": 2, "success_ci_high_pct": 2,
+    "median_rtre_ci_low": 4, "median_rtre_ci_high": 4,
+}  # fmt: skip
+
+
+def summarise_rows(rows: pd.DataFrame) -> dict[str, float | int]:
+    """Table 1's numbers for one group of result rows (see the module docstring)."""
+    scored = rows[rows["scored"]]
+    times = rows.loc[(rows["status"] != "timeout") & np.isfinite(rows["time_s"]), "time_s"]
+    evaluable = rows[rows["evaluable"]]
+
+    def stat(fn, values):
+        values = np.asarray(values, dtype=float)
+        return float(fn(values)) if values.size else math.nan
+
+    return {
+        "pairs": int(len(rows)),
+        "pairs_scored": int(len(scored)),
+        "failures": int(rows["status"].isin(FAILURE_STATUSES).sum()),
+        "median_rtre": stat(np.median, scored["rtre_median"]),
+        "average_rtre": stat(np.mean, scored["rtre_median"]),
+        "average_max_rtre": stat(np.mean, scored["rtre_max"]),
+        "mean_time_ms": stat(np.mean, times * 1000.0),
+        "success_rate_pct": stat(np.mean, evaluable["success"].astype(float)) * 100.0,
+        "robustness_mean": stat(np.mean, scored["robustness"]),
+    }
+
+
+def summary_table(df: pd.DataFrame, by: tuple[str, ...] = ()) -> pd.DataFrame:
+    """One row per (``by`` ..., method label): the label's method, device and run, then Table 1's numbers.
+
+    Labels keep the order in which they first appear in ``df``.
+    """
+    order = {label: i for i, label in enumerate(dict.fromkeys(df["label"]))}
+    records = []
+    for keys, rows in df.groupby([*by, "label"], sort=False):
+        keys = keys if isinstance(keys, tuple) else (keys,)
+        first = rows.iloc[0]
+        rec = dict(zip([*by, "label"], keys, strict=True))
+        rec.update(method=first["method"], device=first["device"], run=first["run"])
+        rec.update(summarise_rows(rows))
+        records.append(rec)
+    table = pd.DataFrame.from_records(records)
+    table["_order"] = table["label"].map(order)
+    return table.sort_values([*by, "_order"], kind="stable").drop(columns="_order").reset_index(drop=True)
+
+
+def initial_row(df: pd.DataFrame, threshold: float) -> dict[str, float | int]:
+    """The state before registration (the paper's "Initial" row) from ``ire_median``, once per pair."""
+    pairs = df[np.isfinite(df["ire_median"])].drop_duplicates("pair_key")
+    ire = pairs["ire_median"].to_numpy(float)
+    return {
+        "pairs_scored": int(ire.size),
+        "median_rtre": float(np.median(ire)) if ire.size else math.nan,
+        "average_rtre": float(np.mean(ire)) if ire.size else math.nan,
+        "success_rate_pct": float(np.mean(ire <= threshold) * 100.0) if ire.size else math.nan,
+    }
+
+
+def status_counts(df: pd.DataFrame) -> pd.DataFrame:
+    """Rows per (label, status): ok / failed / timeout / unscored, plus fallback-scored rows."""
+    table = pd.crosstab(df["label"], df["status"])
+    for status in ("ok", "failed", "timeout", "unscored"):
+        if status not in table.columns:
+            table[status] = 0
+    table = table[["ok", "failed", "timeout", "unscored"]]
+    table["fallback_scored"] = df[df["fallback"] & df["scored"]].groupby("label").size()
+    table = table.fillna(0).astype(int)
+    order = list(dict.fromkeys(df["label"]))
+    return table.loc[order].reset_index()
+
+
+def display_columns(table: pd.DataFrame, multi_run: bool) -> list[str]:
+    """The columns shown in the human-readable formats (Markdown, LaTeX, HTML)."""
+    keys = [c for c in ("tissue", "pair_status") if c in table.columns]
+    cols = [*keys, "label", "device", *(["run"] if multi_run else [])]
+    cols += ["median_rtre", "average_rtre", "average_max_rtre", "mean_time_ms", "success_rate_pct"]
+    cols += ["robustness_mean", "pairs_scored", "failures"]
+    return [c for c in cols if c in table.columns]
+
+
+def _fmt(value, column: str) -> str:
+    if isinstance(value, float | np.floating):
+        if not math.isfinite(value):
+            return "–"
+        if column in SIGNIFICANT:
+            return f"{value:.3g}"
+        return f"{value:.{DECIMALS.get(column, 4)}f}"
+    return str(value)
+
+
+def formatted(table: pd.DataFrame, columns: list[str]) -> tuple[list[str], list[list[str]]]:
+    """Header (display names) and cell strings."""
+    header = [DISPLAY.get(c, c) for c in columns]
+    rows = [
+        [_fmt(v, c) for v, c in zip(rec, columns, strict=True)]
+        for rec in table[columns].itertuples(index=False)
+    ]
+    return header, rows
+
+
+def to_markdown(table: pd.DataFrame, columns: list[str]) -> str:
+    """A GitHub-flavoured pipe table, numbers right-aligned."""
+    header, rows = formatted(table, columns)
+    align = ["---:" if c in NUMBER_COLUMNS else "---" for c in columns]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+_LATEX = {
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "_": r"\_",
+    "#": r"\#",
+    "$": r"\$",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+    "–": "--",
+}
+
+
+def _latex_escape(text: str) -> str:
+    r"""Escape LaTeX's special characters.
+
+    >>> print(_latex_escape("a_b 50% {x}"))
+    a\_b 50\% \{x\}
+    """
+    return "".join(_LATEX.get(ch, ch) for ch in text)
+
+
+def to_latex(table: pd.DataFrame, columns: list[str], caption: str = "", label: str = "") -> str:
+    """A booktabs ``table`` environment (needs ``\\usepackage{booktabs}``)."""
+    header, rows = formatted(table, columns)
+    spec = "".join("r" if c in NUMBER_COLUMNS else "l" for c in columns)
+    out = ["\\begin{table}[t]", "\\centering", "\\small"]
+    if caption:
+        out.append(f"\\caption{{{_latex_escape(caption)}}}")
+    if label:
+        out.append(f"\\label{{{label}}}")
+    out += [
+        f"\\begin{{tabular}}{{{spec}}}",
+        "\\toprule",
+        " & ".join(_latex_escape(h) for h in header) + " \\\\",
+    ]
+    out.append("\\midrule")
+    out += [" & ".join(_latex_escape(c) for c in r) + " \\\\" for r in rows]
+    out += ["\\bottomrule", "\\end{tabular}", "\\end{table}"]
+    return "\n".join(out) + "\n"
+
+
+def to_html(table: pd.DataFrame, columns: list[str], css_class: str = "results") -> str:
+    """A plain ``<table>`` with escaped cells; numeric columns get class ``num``."""
+    header, rows = formatted(table, columns)
+    numeric = [c in NUMBER_COLUMNS for c in columns]
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = []
+    for r in rows:
+        cells = "".join(
+            f'<td class="num">{html.escape(v)}</td>' if n else f"<td>{html.escape(v)}</td>"
+            for v, n in zip(r, numeric, strict=True)
+        )
+        body.append(f"<tr>{cells}</tr>")
+    return f'<table class="{css_class}"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+
+
+def write_table(
+    table: pd.DataFrame, out_dir: Path, stem: str, columns: list[str], caption: str
+) -> dict[str, Path]:
+    """Write ``stem.csv`` (every column, full precision) and ``stem.md`` / ``.tex`` / ``.html`` (display)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {fmt: out_dir / f"{stem}.{fmt}" for fmt in ("csv", "md", "tex", "html")}
+    table.to_csv(paths["csv"], index=False)
+    paths["md"].write_text(to_markdown(table, columns))
+    paths["tex"].write_text(to_latex(table, columns, caption=caption, label=f"tab:{stem}"))
+    paths["html"].write_text(to_html(table, columns))
+    return paths

@@ -1,0 +1,473 @@
+"""Tests of the report (bench.report): tables equal an independent recomputation from results.csv, plots
+and gallery are drawn, report.html has every section and renders, ANHIR export, clear errors.
+
+The run folder used here is computed, not written by hand: synthetic pairs (random blobs warped by a known
+affine, JPEG + ANHIR landmark CSVs), four small estimators actually run on them (identity, the true
+matrix, a perturbed true matrix and a centre-of-mass translation that refuses large shifts), and every
+result number comes from those computations.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+from bench.datasets.anhir import file_digest, read_landmarks, write_landmarks
+from scipy import stats as sps
+
+from bench import geometry
+from bench.report import ReportError, build_report, export_anhir, latest_run, load_runs, plots
+from bench.report import gallery as gal
+from bench.report import html as page
+
+THRESHOLD = 0.035
+H, W = 240, 320
+COLUMNS = (
+    "pair_id tissue method method_version status error n_landmarks rtre_median rtre_mean rtre_max rtre_min "
+    "rtre_std ire_median robustness success time_s time_cpu_s time_preprocess_s device params matrix "
+    "diagnostics fallback source_image target_image source_landmarks target_landmarks diagonal"
+).split()
+
+
+# ---------------------------------------------------------------- a real, small run folder
+
+
+def blobs(rng: np.random.Generator) -> np.ndarray:
+    """(H, W, 3) uint8: stained-looking ellipses on a white slide."""
+    img = np.full((H, W, 3), 245, np.uint8)
+    for _ in range(14):
+        centre = (int(rng.integers(40, W - 40)), int(rng.integers(40, H - 40)))
+        axes = (int(rng.integers(8, 34)), int(rng.integers(8, 34)))
+        colour = tuple(int(c) for c in rng.integers(60, 200, size=3))
+        cv2.ellipse(img, centre, axes, float(rng.uniform(0, 180)), 0, 360, colour, -1)
+    return cv2.GaussianBlur(img, (5, 5), 1.5)
+
+
+def centroid(gray_inv: np.ndarray) -> np.ndarray:
+    m = cv2.moments(gray_inv.astype(np.float32))
+    return np.array([m["m10"] / m["m00"], m["m01"] / m["m00"]])
+
+
+class Refused(Exception):
+    pass
+
+
+def estimate(method: str, source: np.ndarray, target: np.ndarray, truth: np.ndarray, rng) -> np.ndarray:
+    """The four estimators of the fixture (each returns source -> target, original pixels)."""
+    if method == "identity":
+        return np.eye(3)
+    if method == "oracle":
+        return truth
+    if method == "jitter":
+        return (
+            geometry.rotation(rng.uniform(-2, 2), (W / 2, H / 2))
+            @ geometry.translation(*rng.uniform(-3, 3, 2))
+            @ truth
+        )
+    inv = [1.0 - cv2.cvtColor(im, cv2.COLOR_RGB2GRAY) / 255.0 for im in (source, target)]
+    shift = centroid(inv[1]) - centroid(inv[0])
+    if np.hypot(*shift) > 20:
+        raise Refused(f"centre-of-mass shift {np.hypot(*shift):.1f} px beyond 20 px")
+    return geometry.translation(*shift)
+
+
+def score(moved, source, target, diagonal):
+    n = min(len(moved), len(target), len(source))
+    after = np.linalg.norm(moved[:n] - target[:n], axis=1) / diagonal
+    before = np.linalg.norm(source[:n] - target[:n], axis=1) / diagonal
+    return {
+        "n_landmarks": n, "rtre_median": np.median(after), "rtre_mean": after.mean(), "rtre_max": after.max(),
+        "rtre_min": after.min(), "rtre_std": after.std(), "ire_median": np.median(before),
+        "robustness": float(np.mean(after < before)),
+    }  # fmt: skip
+
+
+def make_dataset(root: Path, seed: int = 0, n_pairs: int = 6) -> tuple[Path, list[dict]]:
+    """Pairs with a known affine; pair 0 is shifted far (the centroid method refuses it), the last pair is an
+    'evaluation' pair without target landmarks."""
+    rng = np.random.default_rng(seed)
+    rows, pairs = [], []
+    for i in range(n_pairs):
+        tissue = ("blobs", "spots")[i % 2]
+        folder = root / f"{tissue}_{i}" / "scale-100pc"
+        folder.mkdir(parents=True)
+        target = blobs(rng)
+        truth = geometry.random_affine(rng, (W / 2, H / 2), max_rotation_deg=25, scale_range=(0.92, 1.08),
+                                       max_shear=0.03, max_translation=8)  # fmt: skip
+        if i == 0:
+            truth = geometry.translation(50, -20) @ truth
+        source = cv2.warpAffine(target, np.linalg.inv(truth)[:2], (W, H), borderValue=(245, 245, 245))
+        cv2.imwrite(str(folder / "target.jpg"), cv2.cvtColor(target, cv2.COLOR_RGB2BGR))
+        cv2.imwrite(str(folder / "source.jpg"), cv2.cvtColor(source, cv2.COLOR_RGB2BGR))
+        t_lnd = np.column_stack([rng.uniform(10, W - 10, 200), rng.uniform(10, H - 10, 200)])
+        s_lnd = geometry.apply(np.linalg.inv(truth), t_lnd)
+        inside = np.all((s_lnd > 10) & (s_lnd < [W - 10, H - 10]), axis=1)  # landmarks seen in both images
+        t_lnd, s_lnd = t_lnd[inside][:12], s_lnd[inside][:12]
+        write_landmarks(folder / "source.csv", s_lnd[:10] if i == 1 else s_lnd)  # pair 1: 10 vs 12 rows
+        evaluation = i == n_pairs - 1
+        if not evaluation:
+            write_landmarks(folder / "target.csv", t_lnd)
+        rel = f"{tissue}_{i}/scale-100pc/"
+        rows.append({"": i, "Source image": rel + "source.jpg", "Source landmarks": rel + "source.csv",
+                     "Target image": rel + "target.jpg", "Target landmarks": "" if evaluation else rel + "target.csv",
+                     "Image diagonal [pixels]": math.hypot(H, W), "Image size [pixels]": f"({H}, {W})",
+                     "status": "evaluation" if evaluation else "training"})  # fmt: skip
+        pairs.append(
+            {"pair_id": str(i), "tissue": tissue, "folder": folder, "truth": truth, "evaluation": evaluation}
+        )
+    table = root / "dataset.csv"
+    pd.DataFrame(rows).to_csv(table, index=False)
+    return table, pairs
+
+
+def result_row(pair: dict, method: str, run: Path, rng) -> dict:
+    f = pair["folder"]
+    t0 = time.perf_counter()
+    src = cv2.cvtColor(cv2.imread(str(f / "source.jpg")), cv2.COLOR_BGR2RGB)
+    tgt = cv2.cvtColor(cv2.imread(str(f / "target.jpg")), cv2.COLOR_BGR2RGB)
+    t_pre = time.perf_counter() - t0
+    status, error, fallback = "ok", "", False
+    w0, c0 = time.perf_counter(), time.process_time()
+    try:
+        matrix = estimate(method, src, tgt, pair["truth"], rng)
+    except Refused as exc:
+        status, error, fallback, matrix = "failed", f"RegistrationFailed: {exc}", True, np.eye(3)
+    wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+    s_lnd = read_landmarks(f / "source.csv")
+    moved = geometry.apply(matrix, s_lnd)
+    write_landmarks(run / "warped-landmarks" / method / f"{pair['pair_id']}.csv", moved)
+    diag = math.hypot(H, W)
+    row = {"pair_id": pair["pair_id"], "tissue": pair["tissue"], "method": method, "method_version": "1",
+           "status": status, "error": error, "time_s": wall, "time_cpu_s": cpu, "time_preprocess_s": t_pre,
+           "device": "cpu", "params": "{}", "matrix": json.dumps(matrix.tolist()), "diagnostics": "{}",
+           "fallback": fallback, "source_image": str(f / "source.jpg"), "target_image": str(f / "target.jpg"),
+           "source_landmarks": str(f / "source.csv"), "diagonal": diag, "success": False,
+           "target_landmarks": "" if pair["evaluation"] else str(f / "target.csv")}  # fmt: skip
+    if pair["evaluation"]:
+        row["status"] = "unscored" if status == "ok" else status
+        return row
+    row.update(score(moved, s_lnd, read_landmarks(f / "target.csv"), diag))
+    row["success"] = bool(status == "ok" and row["rtre_median"] <= THRESHOLD)
+    return row
+
+
+def make_run(run: Path, table: Path, pairs: list[dict], methods=("identity", "oracle", "jitter", "centroid"),
+             seed: int = 1) -> Path:  # fmt: skip
+    rng = np.random.default_rng(seed)
+    run.mkdir(parents=True)
+    rows = [result_row(p, m, run, rng) for p in pairs for m in methods]
+    pd.DataFrame(rows, columns=COLUMNS).to_csv(run / "results.csv", index=False)
+    manifest = {
+        "schema_version": 1, "command": "tests/test_report.py make_run", "git_commit": "n/a (test fixture)",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": {"cpus": 2}, "packages": {"numpy": np.__version__},
+        "dataset": {"path": str(table), "sha256": file_digest(table), "n_pairs": len(pairs)},
+        "preprocess": {"params": {}}, "methods": {m: {"version": "1", "params": {}} for m in methods},
+        "success_threshold": THRESHOLD, "device": "cpu",
+    }  # fmt: skip
+    (run / "run.json").write_text(json.dumps(manifest, indent=2))
+    return run
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("report")
+    table, pairs = make_dataset(root / "data")
+    return {"root": root, "table": table, "pairs": pairs}
+
+
+@pytest.fixture(scope="module")
+def run_dir(data):
+    return make_run(data["root"] / "runs" / "run-a", data["table"], data["pairs"])
+
+
+@pytest.fixture(scope="module")
+def report(run_dir):
+    return build_report([run_dir])
+
+
+# ---------------------------------------------------------------- Table 1 against an independent recomputation
+
+
+def recompute(results: pd.DataFrame) -> pd.DataFrame:
+    """Table 1 from results.csv with plain pandas, independent of bench.report's code."""
+    out = {}
+    for method, g in results.groupby("method"):
+        scored = g[g["rtre_median"].notna()]
+        evaluable = g[g["rtre_median"].notna() | g["status"].isin(["failed", "timeout"])]
+        timed = g[(g["status"] != "timeout") & g["time_s"].notna()]
+        out[method] = {
+            "median_rtre": scored["rtre_median"].median(), "average_rtre": scored["rtre_median"].mean(),
+            "average_max_rtre": scored["rtre_max"].mean(), "mean_time_ms": timed["time_s"].mean() * 1000,
+            "success_rate_pct": 100 * (evaluable["success"].astype(str) == "True").mean(),
+            "robustness_mean": scored["robustness"].mean(), "pairs_scored": len(scored),
+            "failures": int(g["status"].isin(["failed", "timeout"]).sum()),
+        }  # fmt: skip
+    return pd.DataFrame(out).T
+
+
+def test_table1_equals_recomputation_from_results_csv(report, run_dir):
+    table = pd.read_csv(report.parent / "tables" / "table1.csv").set_index("method")
+    expected = recompute(pd.read_csv(run_dir / "results.csv", dtype={"success": str}))
+    assert sorted(table.index) == sorted(expected.index) == ["centroid", "identity", "jitter", "oracle"]
+    for col in expected.columns:
+        np.testing.assert_allclose(table.loc[expected.index, col].to_numpy(float), expected[col].to_numpy(float),
+                                   rtol=1e-12, err_msg=col)  # fmt: skip
+    assert table.loc["oracle", "median_rtre"] < 1e-6 < table.loc["identity", "median_rtre"]
+    assert table.loc["centroid", "failures"] == 1  # pair 0's large shift is refused and scored with identity
+
+
+def test_markdown_table1_has_one_row_per_method_and_the_papers_columns(report):
+    lines = (report.parent / "tables" / "table1.md").read_text().strip().splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    for col in ("Method", "Median rTRE", "Average rTRE", "Avg max rTRE", "Time [ms]", "Success [%]",
+                "Robustness", "Pairs scored", "Failures", "Device"):  # fmt: skip
+        assert col in header
+    assert [r.split("|")[1].strip() for r in lines[2:]] == ["identity", "oracle", "jitter", "centroid"]
+    tex = (report.parent / "tables" / "table1.tex").read_text()
+    assert "\\toprule" in tex and tex.count("\\\\") == 5
+
+
+def test_per_tissue_and_status_tables(report, run_dir):
+    tissue = pd.read_csv(report.parent / "tables" / "per_tissue.csv")
+    assert set(tissue["tissue"]) == {"blobs", "spots"} and len(tissue) == 8
+    results = pd.read_csv(run_dir / "results.csv")
+    g = results[(results["method"] == "jitter") & (results["tissue"] == "spots")]
+    row = tissue[(tissue["label"] == "jitter") & (tissue["tissue"] == "spots")].iloc[0]
+    assert row["median_rtre"] == pytest.approx(g["rtre_median"].median(), rel=1e-12)
+    status = pd.read_csv(report.parent / "tables" / "per_pair_status.csv")
+    assert set(status["pair_status"]) == {"training", "evaluation"}  # read from the run's pair table
+    counts = pd.read_csv(report.parent / "tables" / "status_counts.csv").set_index("label")
+    assert counts.loc["centroid", "failed"] == 1 and counts.loc["oracle", "unscored"] == 1
+
+
+def test_initial_row_uses_each_pair_once(report, run_dir):
+    init = pd.read_csv(report.parent / "tables" / "initial.csv").iloc[0]
+    ire = pd.read_csv(run_dir / "results.csv").drop_duplicates("pair_id")["ire_median"].dropna()
+    assert init["pairs_scored"] == 5 and init["median_rtre"] == pytest.approx(ire.median())
+
+
+# ---------------------------------------------------------------- figures, statistics, gallery
+
+
+def _nonblank_png(path: Path) -> bool:
+    img = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    return img is not None and img.shape[0] > 50 and float(img.std()) > 5
+
+
+def test_every_plot_is_written_as_png_and_svg(report):
+    for stem in (
+        "figure2_cdf",
+        "success_vs_threshold",
+        "pairs_rtre",
+        "accuracy_vs_time",
+        "success_per_tissue",
+    ):
+        assert _nonblank_png(report.parent / "figures" / f"{stem}.png"), stem
+        assert "<svg" in (report.parent / "figures" / f"{stem}.svg").read_text()[:2000]
+
+
+def test_landmark_errors_recomputed_from_files_agree_with_results(run_dir):
+    from bench.report.load import landmark_errors
+
+    runs, df = load_runs([run_dir])
+    after, before, notes = landmark_errors(runs, df)
+    assert notes == []
+    medians = after.groupby(["label", "pair_key"])["rtre"].median()
+    scored = df[df["scored"]].set_index(["label", "pair_key"])["rtre_median"]
+    np.testing.assert_allclose(medians.loc[scored.index].to_numpy(), scored.to_numpy(), rtol=1e-9, atol=1e-12)
+    assert (
+        len(after[(after["label"] == "oracle") & after["pair_key"].str.endswith(":1")]) == 10
+    )  # first N common
+
+
+def test_success_curve_at_the_threshold_equals_the_stored_success(run_dir):
+    _, df = load_runs([run_dir])
+    stored = df[df["evaluable"]].groupby("label")["success"].mean() * 100
+    curve = plots.success_at(df, THRESHOLD)
+    np.testing.assert_allclose(curve.loc[stored.index].to_numpy(), stored.to_numpy())
+
+
+def test_wilcoxon_and_bootstrap(report, run_dir):
+    tests = pd.read_csv(report.parent / "tables" / "wilcoxon.csv")
+    assert len(tests) == 6
+    res = pd.read_csv(run_dir / "results.csv", dtype={"pair_id": str})
+    a = res[res["method"] == "identity"].set_index("pair_id")["rtre_median"].dropna()
+    b = res[res["method"] == "jitter"].set_index("pair_id")["rtre_median"].dropna()
+    common = a.index.intersection(b.index)
+    row = tests[(tests["method_a"] == "identity") & (tests["method_b"] == "jitter")].iloc[0]
+    assert row["n"] == len(common) == 5
+    assert row["p_value"] == pytest.approx(sps.wilcoxon(a[common], b[common]).pvalue)
+    assert (tests["p_holm"].dropna() >= tests["p_value"].dropna() - 1e-15).all()
+    boot = pd.read_csv(report.parent / "tables" / "bootstrap.csv").set_index("label")
+    for label, r in boot.iterrows():
+        assert r["median_rtre_ci_low"] <= r["median_rtre"] <= r["median_rtre_ci_high"], label
+        assert r["success_ci_low_pct"] <= r["success_rate_pct"] <= r["success_ci_high_pct"], label
+    again = build_report([run_dir], run_dir.parent / "again")
+    pd.testing.assert_frame_equal(
+        pd.read_csv(again.parent / "tables" / "bootstrap.csv").set_index("label"), boot
+    )
+
+
+def _ncc(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.corrcoef(a.ravel(), b.ravel())[0, 1])
+
+
+def test_gallery_warp_composes_the_stored_matrix_with_the_reduction(run_dir):
+    runs, df = load_runs([run_dir])
+    row = next(df[(df["label"] == "oracle") & (df["pair_id"] == "2")].itertuples(index=False))
+    view = gal.PairView(row, runs[0], max_side=160)  # a 2x reduction of 320 x 240
+    assert view.size == (160, 120)
+    after, before = _ncc(view.target, view.warped(view.matrix)), _ncc(view.target, view.warped(np.eye(3)))
+    assert after > 0.9 and after > before + 0.2
+    inside = view.warped(view.matrix) > 0
+    assert inside.mean() > 0.5
+    np.testing.assert_allclose(
+        view.w_lnd, view.t_lnd, atol=1e-6
+    )  # the oracle's landmarks land on the targets
+
+
+def test_gallery_files_show_the_worst_pairs(report, run_dir):
+    files = sorted((report.parent / "gallery").glob("*.png"))
+    assert len(files) == 5 and all(_nonblank_png(f) for f in files)  # comparison + one per method
+    _, df = load_runs([run_dir])
+    worst = gal.worst_rows(df, "identity", 3)
+    scored = df[(df["label"] == "identity") & df["scored"]]["rtre_median"]
+    assert list(worst["rtre_median"]) == sorted(scored, reverse=True)[:3]
+
+
+# ---------------------------------------------------------------- the HTML page
+
+
+def chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+def test_report_html_has_every_section_and_renders(report):
+    text = report.read_text()
+    for sid in page.SECTIONS:
+        assert f'<section id="{sid}">' in text, sid
+    assert text.count("data:image/png;base64,") >= 1 + 4 + 5  # Figure 2, four plots, gallery
+    assert 'src="http' not in text and "<link" not in text  # self-contained
+    for method in ("identity", "oracle", "jitter", "centroid"):
+        assert f"<td>{method}</td>" in text
+
+
+def test_report_html_screenshot_in_headless_chromium(report, tmp_path):
+    exe = chromium()
+    if exe is None:
+        pytest.skip("chromium not installed (apt-get install chromium) - cannot render report.html")
+    shot = tmp_path / "shot.png"
+    cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           f"--user-data-dir={tempfile.mkdtemp()}", f"--screenshot={shot}", "--window-size=1400,3000",
+           report.resolve().as_uri()]  # fmt: skip
+    subprocess.run(cmd, capture_output=True, timeout=120, check=False)
+    assert _nonblank_png(shot)
+    img = cv2.imread(str(shot))
+    assert img.shape[:2] == (3000, 1400)
+    rgb = img[..., ::-1].astype(float)
+    colours = plots.palette(["identity", "oracle", "jitter", "centroid"])  # the report's method colours
+    for label, colour in colours.items():  # every method's curve or marker is on screen, not only text
+        near = np.abs(rgb - np.array(colour) * 255).max(axis=2) < 12
+        assert near.sum() > 200, label
+
+
+# ---------------------------------------------------------------- several runs, export, errors
+
+
+def test_several_runs_are_keyed_by_method_device_and_run(data, run_dir, tmp_path):
+    second = make_run(tmp_path / "run-b", data["table"], data["pairs"], methods=("oracle", "jitter"), seed=7)
+    # same (method, device) in two runs: labels carry the run name
+    runs, df = load_runs([run_dir, second])
+    assert {"jitter (run-a)", "jitter (run-b)", "identity"} <= set(df["label"])
+    # a method stored under another device (as a GPU run would store it) is keyed by its device
+    res = pd.read_csv(second / "results.csv")
+    res["device"] = "cuda:0"
+    res.to_csv(second / "results.csv", index=False)
+    page_path = build_report([run_dir, second], tmp_path / "both")
+    table = pd.read_csv(page_path.parent / "tables" / "table1.csv")
+    assert {"oracle [cpu]", "oracle [cuda:0]", "jitter [cpu]", "jitter [cuda:0]", "centroid"} <= set(
+        table["label"]
+    )
+    assert len(table) == 6 and "Run" in (page_path.parent / "tables" / "table1.md").read_text()
+
+
+def test_export_anhir_layout(run_dir, data, tmp_path):
+    out = export_anhir(run_dir, "jitter", tmp_path / "sub")
+    table = pd.read_csv(out / "registration-results.csv", dtype=str, keep_default_na=False)
+    original = pd.read_csv(data["table"], dtype=str, keep_default_na=False)
+    assert list(table.columns) == list(original.columns) + [
+        "Warped source landmarks",
+        "Execution time [minutes]",
+    ]
+    pd.testing.assert_frame_equal(table[original.columns], original)
+    res = pd.read_csv(run_dir / "results.csv", dtype={"pair_id": str}).set_index("pair_id")
+    res = res[res["method"] == "jitter"]
+    for _, r in table.iterrows():
+        pid = r.iloc[0]
+        lnd = out / r["Warped source landmarks"]
+        assert not Path(r["Warped source landmarks"]).is_absolute() and lnd.is_file()
+        np.testing.assert_allclose(
+            read_landmarks(lnd), read_landmarks(run_dir / "warped-landmarks/jitter" / f"{pid}.csv")
+        )
+        expected = (res.loc[pid, "time_s"] + res.loc[pid, "time_preprocess_s"]) / 60
+        assert float(r["Execution time [minutes]"]) == pytest.approx(expected)
+    with pytest.raises(ReportError, match="not in this run"):
+        export_anhir(run_dir, "nosuch", tmp_path / "x")
+
+
+def test_latest_run_picks_the_newest(data, run_dir, tmp_path):
+    old = make_run(tmp_path / "old", data["table"], data["pairs"][:2], methods=("identity",))
+    new = make_run(tmp_path / "new", data["table"], data["pairs"][:2], methods=("identity",))
+    (tmp_path / "not-a-run").mkdir()
+    import os
+
+    os.utime(old / "results.csv", (time.time() - 100, time.time() - 100))
+    assert latest_run(tmp_path) == new
+    with pytest.raises(ReportError, match="no run folder"):
+        latest_run(tmp_path / "not-a-run")
+
+
+def _copy_run(run_dir: Path, dest: Path) -> Path:
+    shutil.copytree(run_dir, dest)
+    return dest
+
+
+def test_clear_errors(run_dir, tmp_path):
+    with pytest.raises(ReportError, match="run folder not found"):
+        build_report([tmp_path / "missing"])
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "results.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(ReportError, match="no run.json"):
+        build_report([foreign])
+    (foreign / "run.json").write_text(json.dumps({"schema_version": 1}))
+    with pytest.raises(ReportError, match="not a histreg-bench results file"):
+        build_report([foreign])
+    old = _copy_run(run_dir, tmp_path / "old")
+    manifest = json.loads((old / "run.json").read_text())
+    manifest["schema_version"] = 0
+    (old / "run.json").write_text(json.dumps(manifest))
+    with pytest.raises(ReportError, match="older results schema 0"):
+        build_report([old])
+    del manifest["schema_version"]
+    (old / "run.json").write_text(json.dumps(manifest))
+    with pytest.raises(ReportError, match="older results schema"):
+        build_report([old])
+    empty = _copy_run(run_dir, tmp_path / "unscored")
+    res = pd.read_csv(empty / "results.csv")
+    res = res[res["rtre_median"].isna()]  # keep only the evaluation pair's rows
+    res.to_csv(empty / "results.csv", index=False)
+    with pytest.raises(ReportError, match="no scored pairs") as info:
+        build_report([empty])
+    assert "\n" not in str(info.value)
+    assert export_anhir(empty, "oracle", tmp_path / "sub").is_dir()  # an evaluation-only run still exports
