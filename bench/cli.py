@@ -180,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("cache", help="show or clear the preprocessing cache")
     p.add_argument("action", choices=["path", "clear"])
     p.add_argument("--cache-dir", type=Path)
+    p = sub.add_parser("make-large", help="write a full-resolution (16000 px) generated pair, JPEG and tiled TIFF")
+    p.add_argument("folder", type=Path)
+    p.add_argument("--long-side", type=int, default=16000)
     p = sub.add_parser("train", help="train the learned method's network (unsupervised)")
     try:
         from bench.learning import train
@@ -199,7 +202,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     return int(train.run(args) or 0)
 
 
-COMMANDS = {"run": cmd_run, "list": cmd_list, "report": cmd_report, "export-anhir": cmd_export,
+def cmd_make_large(args: argparse.Namespace) -> int:
+    from bench.largescale import write_large_pair
+
+    for fmt, table in write_large_pair(args.folder, long_side=args.long_side).items():
+        console.print(f"{fmt}: {table}")
+    return 0
+
+
+COMMANDS = {"make-large": cmd_make_large, "run": cmd_run, "list": cmd_list, "report": cmd_report, "export-anhir": cmd_export,
             "cache": cmd_cache, "train": cmd_train}
 
 

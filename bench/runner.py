@@ -406,6 +406,16 @@ def package_versions() -> dict[str, str]:
     return out
 
 
+def peak_rss_mb() -> dict[str, float]:
+    """Peak resident memory of this process and of its finished children (worker processes), MiB."""
+    import resource
+
+    return {
+        "self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "children": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+    }
+
+
 def default_out(table: Path, embedded: bool) -> Path:
     name = "sample" if embedded else (table.parent.name or table.stem)
     return Path("reports") / name
@@ -571,6 +581,8 @@ def run(config: RunConfig, progress: Callable[[PairResult, int, int], None] | No
             counts[r["status"]] = counts.get(r["status"], 0) + 1
         if progress:
             progress(res, i, len(tasks))
+    manifest["peak_rss_mb"] = peak_rss_mb()
+    store.write_manifest(manifest)
     return RunSummary(out, len(pairs), [s.name for s in specs], selection.skipped, written, already, counts)
 
 
