@@ -1,0 +1,255 @@
+"""Training data for the learned method: pairs -> shared preprocessing -> cached arrays -> augmented tensors.
+
+Sources of pairs:
+
+* the project's generator (:mod:`bench.datasets.synthetic`): any number of pairs from any seed;
+* the ``training`` split of an ANHIR pair table (:func:`bench.datasets.anhir.load_table`).
+
+Every pair goes once through :func:`bench.preprocess.prepare_pair` (resampling, tissue masks, inversion,
+initial rotation) and is resampled so the longer side of the larger image is ``input_size``; the result is
+cached as one ``.npz`` per pair (images, masks and, when known, landmarks in that network frame), so
+epochs never re-run the preprocessing. :func:`augment` then applies independent random affine transforms
+to source and target, as in the paper.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from bench import geometry
+from bench.learning.model import matrix_to_theta, warp
+from bench.preprocess import PreparedPair, PreprocessParams, prepare_pair
+
+
+@dataclass
+class CachedPair:
+    """One preprocessed pair at network resolution.
+
+    Attributes
+    ----------
+    key : str
+        Cache key (pair identity + preprocessing + input size).
+    moving, fixed : (H, W) float32 arrays
+        Preprocessed source (rotation already applied) and target, tissue bright, background 0.
+    moving_mask, fixed_mask : (H, W) bool arrays
+    moving_points, fixed_points : (N, 2) float64 arrays or None
+        Corresponding landmarks ``(x, y)`` in these frames (validation diagnostics only, never a loss).
+    """
+
+    key: str
+    moving: np.ndarray
+    fixed: np.ndarray
+    moving_mask: np.ndarray
+    fixed_mask: np.ndarray
+    moving_points: np.ndarray | None = None
+    fixed_points: np.ndarray | None = None
+
+
+def input_scales(shapes: Iterable[tuple[int, int]], input_size: int) -> tuple[float, list[tuple[int, int]]]:
+    """Common factor so the longest side of all ``(H, W)`` shapes becomes ``input_size``, and new shapes."""
+    shapes = list(shapes)
+    factor = input_size / max(max(s) for s in shapes)
+    return factor, [(max(1, round(h * factor)), max(1, round(w * factor))) for h, w in shapes]
+
+
+def resize(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Area-resize an ``(H, W)`` float or bool image to ``shape`` ``(h, w)``."""
+    if image.dtype == bool:
+        return cv2.resize(image.astype(np.uint8), shape[::-1], interpolation=cv2.INTER_NEAREST).astype(bool)
+    return cv2.resize(image.astype(np.float32), shape[::-1], interpolation=cv2.INTER_AREA)
+
+
+def shrink_prepared(
+    prepared: PreparedPair, input_size: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Resample a prepared pair to network resolution.
+
+    Returns
+    -------
+    moving, moving_mask, fixed, fixed_mask : arrays at network resolution
+    r_moving, r_fixed : (3, 3) arrays
+        Working-frame pixels -> network-frame pixels, for the moving and the fixed image.
+    """
+    mv, fx = prepared.moving, prepared.fixed
+    _, (ms, fs) = input_scales([mv.shape, fx.shape], input_size)
+    r_m = geometry.resample_matrix(ms[1] / mv.shape[1], ms[0] / mv.shape[0])
+    r_f = geometry.resample_matrix(fs[1] / fx.shape[1], fs[0] / fx.shape[0])
+    moving = resize(np.where(mv.mask, mv.image, 0.0), ms)
+    fixed = resize(np.where(fx.mask, fx.image, 0.0), fs)
+    return moving, resize(mv.mask, ms), fixed, resize(fx.mask, fs), r_m, r_f
+
+
+def _cache_key(identity: str, params: PreprocessParams, input_size: int) -> str:
+    from bench import preprocess
+
+    text = json.dumps(
+        {"id": identity, "pre": repr(params), "stage": getattr(preprocess, "STAGE_VERSION", "?"), "in": input_size},
+        sort_keys=True,
+    )
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+def prepare_cached(
+    identity: str,
+    paths: Callable[[], tuple[Path, Path]],
+    points: Callable[[], tuple[np.ndarray | None, np.ndarray | None]],
+    cache_dir: Path,
+    params: PreprocessParams,
+    input_size: int,
+) -> CachedPair:
+    """Load a pair from ``cache_dir`` or preprocess it (``paths()`` -> source, target files) and cache it.
+
+    ``points()`` gives original-pixel source/target landmarks (or ``None``) mapped into the network frame.
+    """
+    key = _cache_key(identity, params, input_size)
+    file = cache_dir / f"{key}.npz"
+    if file.exists():
+        with np.load(file) as z:
+            get = {k: z[k] for k in z.files}
+        return CachedPair(key, get["moving"], get["fixed"], get["moving_mask"], get["fixed_mask"],
+                          get.get("moving_points"), get.get("fixed_points"))
+    source, target = paths()
+    prepared = prepare_pair(source, target, params)
+    moving, m_mask, fixed, f_mask, r_m, r_f = shrink_prepared(prepared, input_size)
+    src_pts, tgt_pts = points()
+    arrays = {"moving": moving, "fixed": fixed, "moving_mask": m_mask, "fixed_mask": f_mask}
+    if src_pts is not None and tgt_pts is not None:
+        n = min(len(src_pts), len(tgt_pts))
+        r_s = geometry.resample_matrix(*prepared.source_scale)
+        r_t = geometry.resample_matrix(*prepared.target_scale)
+        arrays["moving_points"] = geometry.apply(r_m @ prepared.source_pre @ r_s, src_pts[:n])
+        arrays["fixed_points"] = geometry.apply(r_f @ r_t, tgt_pts[:n])
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_suffix(".tmp.npz")
+    np.savez_compressed(tmp, **arrays)
+    tmp.replace(file)
+    return CachedPair(key, moving, fixed, m_mask, f_mask, arrays.get("moving_points"), arrays.get("fixed_points"))
+
+
+def generated_pair(seed: int, size: int, cache_dir: Path, params: PreprocessParams, input_size: int) -> CachedPair:
+    """One pair of :mod:`bench.datasets.synthetic` (``seed``, target longer side ``size``), preprocessed."""
+    from bench.datasets import synthetic
+
+    version = getattr(synthetic, "GENERATOR_VERSION", "?")
+    raw = cache_dir / "raw"
+    box: dict[str, object] = {}
+
+    def make() -> object:
+        if "pair" not in box:
+            box["pair"] = synthetic.generate_pair(seed, config=synthetic.GeneratorConfig(size=size))
+        return box["pair"]
+
+    def paths() -> tuple[Path, Path]:
+        pair = make()
+        raw.mkdir(parents=True, exist_ok=True)
+        out = []
+        for name, rgb in (("source", pair.source_rgb), ("target", pair.target_rgb)):
+            path = raw / f"gen{version}-s{size}-{seed}-{name}.png"
+            cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+            out.append(path)
+        return out[0], out[1]
+
+    def points() -> tuple[np.ndarray, np.ndarray]:
+        pair = make()
+        return pair.source_landmarks, pair.target_landmarks
+
+    try:
+        return prepare_cached(f"generated:v{version}:size{size}:seed{seed}", paths, points, cache_dir, params,
+                              input_size)
+    finally:
+        for f in raw.glob(f"gen{version}-s{size}-{seed}-*.png"):
+            f.unlink()
+
+
+def anhir_pairs(table: Path, data_roots: list[Path], cache_dir: Path, params: PreprocessParams, input_size: int,
+                status: str = "training") -> list[CachedPair]:
+    """The ``status`` split of an ANHIR pair table, preprocessed and cached (rows with problems skipped)."""
+    from bench.datasets.anhir import load_table, read_landmarks
+
+    out = []
+    for pair in load_table(table, data_roots):
+        if pair.status != status or pair.problem:
+            continue
+
+        def points(pair=pair) -> tuple[np.ndarray | None, np.ndarray | None]:
+            if not pair.scorable:
+                return None, None
+            return read_landmarks(pair.source_landmarks), read_landmarks(pair.target_landmarks)
+
+        identity = f"anhir:{Path(pair.source_image).resolve()}:{Path(pair.target_image).resolve()}"
+        out.append(prepare_cached(identity, lambda p=pair: (p.source_image, p.target_image), points, cache_dir,
+                                  params, input_size))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Augmentation
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Random affine augmentation applied independently to source and target (paper, section 2.3)."""
+
+    max_rotation_deg: float = 15.0
+    scale_range: tuple[float, float] = (0.9, 1.15)
+    max_shear: float = 0.08
+    max_translation_frac: float = 0.08  # of the image's longer side
+
+
+def random_matrix(rng: np.random.Generator, shape: tuple[int, int], cfg: AugmentConfig) -> np.ndarray:
+    """A random 3x3 pixel transform about the centre of an ``(H, W)`` image."""
+    h, w = shape
+    return geometry.random_affine(
+        rng,
+        ((w - 1) / 2, (h - 1) / 2),
+        max_rotation_deg=cfg.max_rotation_deg,
+        scale_range=cfg.scale_range,
+        max_shear=cfg.max_shear,
+        max_translation=cfg.max_translation_frac * max(h, w),
+    )
+
+
+def pad_to(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Zero-pad an ``(H, W)`` image at the bottom and right to ``shape`` (pixel coordinates unchanged)."""
+    return np.pad(image, ((0, shape[0] - image.shape[0]), (0, shape[1] - image.shape[1])))
+
+
+def common_canvas(*images: np.ndarray) -> list[np.ndarray]:
+    """Pad images to their common ``(max H, max W)`` canvas, so ``theta`` = identity means pixel identity."""
+    shape = (max(i.shape[0] for i in images), max(i.shape[1] for i in images))
+    return [pad_to(i, shape) for i in images]
+
+
+def _warp_np(image: np.ndarray, matrix: np.ndarray) -> torch.Tensor:
+    t = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
+    theta = torch.from_numpy(matrix_to_theta(matrix, image.shape, image.shape)).float()[None]
+    return warp(t, theta, image.shape)
+
+
+def to_tensors(pair: CachedPair, rng: np.random.Generator | None, cfg: AugmentConfig | None = None):
+    """Network inputs for one pair, augmented when ``rng`` is given.
+
+    Returns
+    -------
+    moving, fixed : (1, 1, H, W) float32 tensors (masked: background 0), padded to one common canvas
+    matrices : tuple of two (3, 3) arrays
+        The augmentation applied to moving and fixed (identity without ``rng``).
+    """
+    cfg = cfg or AugmentConfig()
+    mv = np.where(pair.moving_mask, pair.moving, 0.0)
+    fx = np.where(pair.fixed_mask, pair.fixed, 0.0)
+    mv, fx = common_canvas(mv, fx)
+    if rng is None:
+        return (torch.from_numpy(mv.astype(np.float32))[None, None],
+                torch.from_numpy(fx.astype(np.float32))[None, None], (np.eye(3), np.eye(3)))
+    a_m = random_matrix(rng, pair.moving.shape, cfg)
+    a_f = random_matrix(rng, pair.fixed.shape, cfg)
+    return _warp_np(mv, a_m), _warp_np(fx, a_f), (a_m, a_f)

@@ -1,0 +1,260 @@
+"""``python -m bench train``: unsupervised training of the learned method's network (paper, section 2.3).
+
+Loss: negative global NCC between the warped source and the target (both masked: background 0), or
+with ``--loss relative`` NCC after minus NCC before (the public code's variant; same gradient). Adam
+(``--lr``, 1e-4) with a per-epoch exponential decay (``--decay``, x0.995); pairs are fed one at a time and
+gradients accumulated over ``--real-batch`` pairs before each optimiser step. Source and target get
+independent random affine augmentations every time they are seen.
+
+Outputs in ``--out``: ``checkpoint.pt`` (model, optimiser, scheduler, epoch, history, RNG states; written
+every epoch, ``--resume`` continues from it), ``history.json``, ``loss.png`` (training and validation loss
+per epoch) and ``weights.pt`` (see :func:`bench.learning.model.save_weights`, with a model card in its
+metadata), copied to ``--weights-out`` when given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bench.learning import data as D
+from bench.learning.model import CONFIGS, build_model, count_parameters, save_weights, theta_to_matrix, warp
+from bench.preprocess import PreprocessParams
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register the training options on ``parser``."""
+    g = parser.add_argument_group("data")
+    g.add_argument("--data", default="generated",
+                   help="'generated' (the project's generator) or an ANHIR pair table (its 'training' split)")
+    g.add_argument("--data-root", type=Path, action="append", default=[], help="extra image root for a table")
+    g.add_argument("--n-train", type=int, default=64, help="generated training pairs")
+    g.add_argument("--n-val", type=int, default=16, help="generated validation pairs (other seeds)")
+    g.add_argument("--size", type=int, default=640, help="generated target size (longer side, pixels)")
+    g.add_argument("--input-size", type=int, default=448, help="network input: longer side, pixels")
+    g.add_argument("--working-size", type=int, default=None, help="preprocessing working size (default: its own)")
+    g.add_argument("--cache-dir", type=Path, default=None, help="preprocessed-pair cache (default: OUT/cache)")
+    g = parser.add_argument_group("optimisation")
+    g.add_argument("--config", default="compact", choices=sorted(CONFIGS))
+    g.add_argument("--epochs", type=int, default=20)
+    g.add_argument("--real-batch", type=int, default=8, help="pairs per optimiser step")
+    g.add_argument("--lr", type=float, default=1e-4)
+    g.add_argument("--decay", type=float, default=0.995, help="learning-rate factor per epoch")
+    g.add_argument("--loss", choices=["ncc", "relative"], default="ncc")
+    g.add_argument("--max-rotation", type=float, default=15.0, help="augmentation rotation, degrees (+-)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    g = parser.add_argument_group("output")
+    g.add_argument("--out", type=Path, default=Path("runs/train"), help="folder for checkpoints, plot, weights")
+    g.add_argument("--weights-out", type=Path, default=None, help="also copy the final weights here")
+    g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+
+
+def ncc(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Global normalised cross-correlation of two equally shaped tensors (a scalar in [-1, 1])."""
+    a = a - a.mean()
+    b = b - b.mean()
+    return (a * b).sum() / (torch.sqrt((a * a).sum() * (b * b).sum()) + eps)
+
+
+def pair_loss(model: torch.nn.Module, moving: torch.Tensor, fixed: torch.Tensor, kind: str = "ncc"):
+    """Loss for one pair on one common canvas (``(1, 1, H, W)`` each) and the predicted ``theta`` ``(1, 2, 3)``."""
+    theta = model(moving, fixed)
+    loss = -ncc(warp(moving, theta, tuple(fixed.shape[-2:])), fixed)
+    if kind == "relative":
+        with torch.no_grad():
+            loss = loss + ncc(moving, fixed)
+    return loss, theta
+
+
+def load_data(args: argparse.Namespace) -> tuple[list[D.CachedPair], list[D.CachedPair], dict[str, Any]]:
+    """Training and validation pairs (preprocessed once, cached) and a description for the model card."""
+    cache = args.cache_dir or args.out / "cache"
+    params = PreprocessParams() if args.working_size is None else PreprocessParams(working_size=args.working_size)
+    from rich.progress import track
+
+    def gen(seeds: range, what: str) -> list[D.CachedPair]:
+        return [D.generated_pair(s, args.size, cache, params, args.input_size)
+                for s in track(seeds, description=f"preparing {what} pairs")]
+
+    val_seeds = range(args.seed + 1_000_000, args.seed + 1_000_000 + args.n_val)
+    if args.data == "generated":
+        from bench.datasets import synthetic
+
+        train_seeds = range(args.seed, args.seed + args.n_train)
+        info = {"source": "generated", "generator_version": getattr(synthetic, "GENERATOR_VERSION", "?"),
+                "train_seeds": [train_seeds.start, train_seeds.stop - 1], "size": args.size}
+        train = gen(train_seeds, "training")
+    else:
+        train = D.anhir_pairs(Path(args.data), args.data_root, cache, params, args.input_size, "training")
+        info = {"source": "anhir-table", "table": str(args.data), "split": "training"}
+    val = gen(val_seeds, "validation")
+    info.update({"n_train": len(train), "n_val": len(val), "val_seeds": [val_seeds.start, val_seeds.stop - 1],
+                 "input_size": args.input_size, "preprocess": repr(params)})
+    if not train:
+        raise SystemExit(f"no training pairs found in {args.data}")
+    return train, val, info
+
+
+def train_epoch(model, opt, pairs, rng, args, aug, progress=None, task=None) -> float:
+    """One pass over ``pairs`` in random order; returns the mean loss."""
+    model.train()
+    opt.zero_grad(set_to_none=True)
+    losses = []
+    order = rng.permutation(len(pairs))
+    for i, idx in enumerate(order):
+        mv, fx, _ = D.to_tensors(pairs[idx], rng, aug)
+        loss, _ = pair_loss(model, mv.to(args.device), fx.to(args.device), args.loss)
+        (loss / args.real_batch).backward()
+        losses.append(float(loss.detach()))
+        if (i + 1) % args.real_batch == 0 or i + 1 == len(order):
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        if progress is not None:
+            progress.update(task, advance=1, loss=np.mean(losses))
+    return float(np.mean(losses))
+
+
+@torch.no_grad()
+def evaluate(model, pairs, seed: int, args, aug) -> dict[str, float]:
+    """Mean loss and median landmark rTRE (before/after) over fixed-seed augmented ``pairs``."""
+    model.eval()
+    losses, before, after = [], [], []
+    for k, pair in enumerate(pairs):
+        rng = np.random.default_rng([seed, k])
+        mv, fx, (a_m, a_f) = D.to_tensors(pair, rng, aug)
+        loss, theta = pair_loss(model, mv.to(args.device), fx.to(args.device), args.loss)
+        losses.append(float(loss))
+        if pair.moving_points is not None:
+            from bench import geometry
+
+            p_m = geometry.apply(a_m, pair.moving_points)
+            p_f = geometry.apply(a_f, pair.fixed_points)
+            m = theta_to_matrix(theta[0].cpu().numpy(), mv.shape[-2:], fx.shape[-2:])
+            diag = float(np.hypot(*fx.shape[-2:]))
+            before.append(np.median(np.linalg.norm(p_m - p_f, axis=1)) / diag)
+            after.append(np.median(np.linalg.norm(geometry.apply(m, p_m) - p_f, axis=1)) / diag)
+    out = {"loss": float(np.mean(losses))}
+    if after:
+        out.update(rtre_before=float(np.median(before)), rtre_after=float(np.median(after)),
+                   success=float(np.mean(np.asarray(after) <= 0.035)))
+    return out
+
+
+def plot_history(history: list[dict[str, float]], path: Path) -> None:
+    """Training and validation loss per epoch (and validation rTRE when known) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ep = [h["epoch"] for h in history]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(ep, [h["train_loss"] for h in history], "o-", label="training loss")
+    ax.plot(ep, [h["val_loss"] for h in history], "s-", label="validation loss")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss (-NCC)")
+    ax.grid(alpha=0.3)
+    if "val_rtre_after" in history[0]:
+        ax2 = ax.twinx()
+        ax2.plot(ep, [h["val_rtre_after"] for h in history], "^--", color="tab:green", label="val median rTRE")
+        ax2.plot(ep, [h["val_rtre_before"] for h in history], ":", color="tab:gray", label="val rTRE, identity")
+        ax2.set_ylabel("median rTRE (validation)")
+        ax2.legend(loc="upper center", fontsize=8)
+    ax.legend(loc="upper right", fontsize=8)
+    ax.set_title("learned method: training curve")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _rng_state(rng: np.random.Generator) -> dict[str, Any]:
+    return {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state()}
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train as configured by :func:`add_arguments`'s options; returns an exit status."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    console = Console()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        console.print("[red]error:[/] --device cuda but CUDA is not available")
+        return 2
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    args.out.mkdir(parents=True, exist_ok=True)
+    train, val, info = load_data(args)
+    model = build_model(args.config).to(args.device)
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=args.decay)
+    aug = D.AugmentConfig(max_rotation_deg=args.max_rotation)
+    history: list[dict[str, float]] = []
+    start = 0
+    ckpt_path = args.out / "checkpoint.pt"
+    if args.resume and ckpt_path.exists():
+        ck = torch.load(ckpt_path, map_location=args.device, weights_only=False)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        start, history = ck["epoch"] + 1, ck["history"]
+        rng.bit_generator.state = ck["rng"]["numpy"]
+        torch.set_rng_state(ck["rng"]["torch"])
+        console.print(f"resumed from {ckpt_path} after epoch {ck['epoch'] + 1}")
+    console.print(f"{args.config}: {count_parameters(model):,} parameters; {len(train)} training, "
+                  f"{len(val)} validation pairs; device {args.device}")
+    if start == 0:
+        history.append({"epoch": 0, "train_loss": evaluate(model, train, args.seed + 7, args, aug)["loss"],
+                        **{f"val_{k}": v for k, v in evaluate(model, val, args.seed + 11, args, aug).items()},
+                        "lr": args.lr, "time_s": 0.0})
+    cols = [TextColumn("epoch {task.fields[epoch]}"), BarColumn(), TextColumn("loss {task.fields[loss]:.4f}"),
+            TimeElapsedColumn(), TimeRemainingColumn()]
+    t_start = time.perf_counter() - (history[-1]["time_s"] if history else 0.0)
+    with Progress(*cols, console=console) as progress:
+        for epoch in range(start, args.epochs):
+            task = progress.add_task("train", total=len(train), epoch=f"{epoch + 1}/{args.epochs}", loss=float("nan"))
+            lr = opt.param_groups[0]["lr"]
+            tr = train_epoch(model, opt, train, rng, args, aug, progress, task)
+            sched.step()
+            ev = evaluate(model, val, args.seed + 11, args, aug)
+            history.append({"epoch": epoch + 1, "train_loss": tr, **{f"val_{k}": v for k, v in ev.items()},
+                            "lr": lr, "time_s": time.perf_counter() - t_start})
+            progress.console.print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                            for k, v in history[-1].items()))
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                        "epoch": epoch, "history": history, "rng": _rng_state(rng), "args": vars(args)},
+                       ckpt_path)
+            (args.out / "history.json").write_text(json.dumps(history, indent=1, default=str))
+            plot_history(history, args.out / "loss.png")
+    _finish(model, history, info, args, console)
+    return 0
+
+
+def _finish(model, history, info, args, console) -> None:
+    meta = {"data": info, "epochs": args.epochs, "real_batch": args.real_batch, "lr": args.lr,
+            "decay": args.decay, "loss": args.loss, "seed": args.seed, "augment_max_rotation": args.max_rotation,
+            "final": history[-1], "git_commit": _git_commit(), "torch": str(torch.__version__),
+            "command": "python -m bench " + " ".join(sys.argv[1:])}
+    path = save_weights(model, args.out / "weights.pt", meta)
+    plot_history(history, args.out / "loss.png")
+    if args.weights_out:
+        args.weights_out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, args.weights_out)
+    console.print(f"weights: {path}" + (f" (copied to {args.weights_out})" if args.weights_out else ""))

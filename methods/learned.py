@@ -1,0 +1,90 @@
+"""``learned``: the paper's patch-based affine network (section 2.3, Algorithm 1 step 7), one forward pass.
+
+Runs on the output of the shared preprocessing (masked, inverted, initial rotation already applied to the
+moving image); the harness composes the returned working-frame matrix with that rotation (step 8).
+Both images are resampled by one common factor so the longer side of the larger is ``input_size`` (the
+size the network was trained at, read from the weight file unless overridden), then passed through the
+network, whose ``theta`` is converted to a pixel matrix and mapped back to the working frame.
+
+Weights: the ``compact`` configuration trained here and shipped in ``methods/weights/compact.pt`` (see
+``MODEL_CARD.md`` beside it) unless ``weights=PATH`` names another file (``--set learned.weights=PATH``),
+e.g. ``paper``-configuration weights trained elsewhere; the architecture is read from the file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from bench import Context, Estimate, ImageView, Method, register
+from bench.geometry import resample_matrix
+
+SHIPPED_WEIGHTS = Path(__file__).parent / "weights" / "compact.pt"
+
+
+@dataclass(frozen=True)
+class LearnedParams:
+    """Parameters of :class:`Learned`."""
+
+    weights: str = ""  # path to a weight file; "" = the shipped compact weights
+    input_size: int = 0  # longer side of the network input in pixels; 0 = as trained (from the file)
+    config: str = ""  # expected architecture ("paper", "compact"); "" = accept the file's
+
+
+@register
+class Learned(Method):
+    name = "learned"
+    version = "1"
+    description = "The paper's patch-based affine network (unsupervised, NCC), one forward pass after preprocessing."
+    uses_preprocessing = True
+    devices = ("cpu", "cuda")
+    requires = ("torch",)
+
+    Params = LearnedParams
+
+    def prepare(self, context: Context) -> None:
+        import torch
+
+        from bench.learning.model import load_weights
+
+        path = Path(self.params.weights) if self.params.weights else SHIPPED_WEIGHTS
+        self._model, meta = load_weights(path, expected_config=self.params.config or None)
+        self._device = self.device_for(context.device)
+        self._model.to(self._device)
+        trained = int(meta.get("data", {}).get("input_size", 448))
+        self._input_size = self.params.input_size or trained
+        self._weights = str(path)
+        if self._device == "cpu":
+            torch.use_deterministic_algorithms(True, warn_only=True)
+
+    def estimate(self, fixed: ImageView, moving: ImageView, context: Context) -> Estimate:
+        import torch
+
+        from bench.learning.data import common_canvas, input_scales, resize
+        from bench.learning.model import theta_to_matrix
+
+        if not hasattr(self, "_model"):
+            self.prepare(context)
+        _, (ms, fs) = input_scales([moving.shape, fixed.shape], self._input_size)
+        mv = resize(np.where(moving.mask, moving.image, 0.0), ms)
+        fx = resize(np.where(fixed.mask, fixed.image, 0.0), fs)
+        mv, fx = common_canvas(mv, fx)  # bottom/right zero padding: pixel coordinates unchanged
+        with torch.inference_mode():
+            to = lambda a: torch.from_numpy(np.ascontiguousarray(a, np.float32))[None, None].to(self._device)  # noqa: E731
+            theta = self._model(to(mv), to(fx))[0].double().cpu().numpy()
+        net = theta_to_matrix(theta, mv.shape, fx.shape)
+        r_m = resample_matrix(ms[1] / moving.shape[1], ms[0] / moving.shape[0])
+        r_f = resample_matrix(fs[1] / fixed.shape[1], fs[0] / fixed.shape[0])
+        matrix = np.linalg.inv(r_f) @ net @ r_m
+        grid = self._model.grid_shape(mv.shape)
+        return Estimate(matrix, {
+            "config": self._model.config.name,
+            "n_patches": int(grid[0] * grid[1]),
+            "grid": list(grid),
+            "input_shape_moving": list(ms),
+            "input_shape_fixed": list(fs),
+            "theta": np.round(theta, 6).tolist(),
+            "weights": Path(self._weights).name,
+        })

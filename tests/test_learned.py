@@ -1,0 +1,160 @@
+"""The learned method: architecture, theta <-> pixel matrices, training step, weight files, shipped weights."""
+
+from __future__ import annotations
+
+import argparse
+
+import cv2
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from bench import Context, ImageView, geometry  # noqa: E402
+from bench.learning import model as M  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def compact():
+    torch.manual_seed(0)
+    return M.build_model("compact").eval()
+
+
+def smooth_image(seed: int, shape: tuple[int, int]) -> np.ndarray:
+    """A smooth random (H, W) float32 image in [0, 1], background-free."""
+    rng = np.random.default_rng(seed)
+    img = cv2.GaussianBlur(rng.random(shape).astype(np.float32), (0, 0), 4.0)
+    return (img - img.min()) / (img.max() - img.min())
+
+
+def test_parameter_counts():
+    assert M.count_parameters(M.build_model("compact")) == 1_055_910
+    n_paper = M.count_parameters(M.build_model("paper"))
+    assert 29_000_000 < n_paper < 32_000_000  # "slightly above 30 million" in the paper
+
+
+@pytest.mark.parametrize("shape", [(224, 224), (300, 700), (512, 448), (100, 90)])
+def test_compact_shapes_and_identity_at_init(compact, shape):
+    src = torch.rand(1, 1, *shape)
+    tgt = torch.rand(1, 1, *shape)
+    with torch.inference_mode():
+        theta = compact(src, tgt)
+    assert theta.shape == (1, 2, 3)
+    np.testing.assert_allclose(theta[0].numpy(), [[1, 0, 0], [0, 1, 0]], atol=1e-6)
+    np.testing.assert_allclose(M.theta_to_matrix(theta[0].numpy(), shape, shape), np.eye(3), atol=1e-6)
+
+
+def test_grid_and_dynamic_convolutions(compact):
+    assert compact.grid_shape((300, 700)) == (2, 4)
+    assert compact.grid_shape((224, 224), (225, 100)) == (2, 1)
+    assert compact.n_grid_convs((1, 1)) == 1
+    assert compact.n_grid_convs((2, 4)) == 2  # receptive field 5 >= 4 patches
+    assert compact.n_grid_convs((9, 3)) == 4
+    patches = compact.unfold(torch.ones(1, 1, 300, 700), (448, 896))
+    assert patches.shape == (8, 1, 224, 224)
+    assert float(patches.sum()) == 300 * 700  # zero padding only
+
+
+def test_different_shapes_and_no_batchnorm(compact):
+    with torch.inference_mode():
+        theta = compact(torch.rand(1, 1, 250, 500), torch.rand(1, 1, 230, 520))
+    assert theta.shape == (1, 2, 3)
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in compact.modules())
+    assert any(isinstance(m, torch.nn.GroupNorm) for m in compact.modules())
+
+
+def test_paper_config_tiny_forward():
+    model = M.build_model("paper").eval()
+    with torch.inference_mode():
+        theta = model(torch.rand(1, 1, 224, 224), torch.rand(1, 1, 200, 224))
+    np.testing.assert_allclose(theta[0].numpy(), [[1, 0, 0], [0, 1, 0]], atol=1e-6)
+
+
+@pytest.mark.parametrize(("src_shape", "tgt_shape"), [((120, 160), (120, 160)), ((110, 150), (130, 170))])
+def test_theta_matches_cv2_warp_affine(src_shape, tgt_shape):
+    image = smooth_image(1, src_shape)
+    h, w = tgt_shape
+    matrix = geometry.translation(6.5, -3.0) @ geometry.rotation(12, ((w - 1) / 2, (h - 1) / 2)) @ geometry.scaling(1.1)
+    expected = cv2.warpAffine(image, matrix[:2], (w, h), flags=cv2.INTER_LINEAR)
+    theta = M.matrix_to_theta(matrix, src_shape, tgt_shape)
+    got = M.warp(torch.from_numpy(image)[None, None], torch.from_numpy(theta).float()[None], tgt_shape)[0, 0]
+    inside = cv2.erode(cv2.warpAffine(np.ones(src_shape, np.uint8), matrix[:2], (w, h)), np.ones((5, 5)))
+    assert inside.sum() > 0.3 * h * w
+    np.testing.assert_allclose(got.numpy()[inside > 0], expected[inside > 0], atol=2e-3)
+    np.testing.assert_allclose(M.theta_to_matrix(theta, src_shape, tgt_shape), matrix, atol=1e-9)
+
+
+def test_training_steps_lower_the_loss():
+    from bench.datasets.synthetic import GeneratorConfig, generate_pair
+
+    from bench.learning.train import pair_loss
+
+    pair = generate_pair(5, config=GeneratorConfig(size=224))
+    fixed = 1.0 - cv2.cvtColor(pair.target_rgb, cv2.COLOR_RGB2GRAY).astype(np.float32) / 255.0
+    h, w = fixed.shape
+    shift = geometry.translation(9, -6) @ geometry.rotation(6, ((w - 1) / 2, (h - 1) / 2))
+    moving = cv2.warpAffine(fixed, shift[:2], (w, h))
+    mv, fx = (torch.from_numpy(a)[None, None] for a in (moving, fixed))
+    torch.manual_seed(0)
+    model = M.build_model("compact")
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    first, _ = pair_loss(model, mv, fx)
+    for _ in range(5):
+        opt.zero_grad()
+        loss, _ = pair_loss(model, mv, fx)
+        loss.backward()
+        opt.step()
+    last, _ = pair_loss(model, mv, fx)
+    assert float(last) < float(first) - 1e-3
+
+
+def test_save_load_round_trip_and_wrong_architecture(tmp_path, compact):
+    path = M.save_weights(compact, tmp_path / "w.pt", {"note": "test"})
+    loaded, meta = M.load_weights(path, expected_config="compact")
+    assert meta == {"note": "test"}
+    x, y = torch.rand(1, 1, 230, 300), torch.rand(1, 1, 230, 300)
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded(x, y), compact(x, y))
+    with pytest.raises(ValueError, match="'compact'.*expected 'paper'"):
+        M.load_weights(path, expected_config="paper")
+    payload = torch.load(path, weights_only=True)
+    payload["architecture"]["grid_channels"] = 64  # declared architecture no longer fits the tensors
+    torch.save(payload, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="does not fit"):
+        M.load_weights(tmp_path / "bad.pt")
+    with pytest.raises(FileNotFoundError):
+        M.load_weights(tmp_path / "missing.pt")
+
+
+def test_shipped_weights_give_a_finite_matrix():
+    from bench.methods.learned import SHIPPED_WEIGHTS, Learned
+
+    if not SHIPPED_WEIGHTS.exists():
+        pytest.fail(f"shipped weights missing: {SHIPPED_WEIGHTS}")
+    method = Learned()
+    method.prepare(Context())
+    fixed = smooth_image(3, (200, 260))
+    moving = cv2.warpAffine(fixed, geometry.translation(5, 3)[:2], (260, 200))
+    views = [ImageView(image=a, mask=a > 0.2) for a in (fixed, moving)]
+    est = method.estimate(views[0], views[1], Context())
+    assert est.matrix.shape == (3, 3) and np.all(np.isfinite(est.matrix))
+    assert est.diagnostics["config"] == "compact" and est.diagnostics["n_patches"] >= 1
+    again = method.estimate(views[0], views[1], Context())
+    np.testing.assert_array_equal(again.matrix, est.matrix)  # deterministic on CPU
+
+
+def test_train_command_checkpoints_and_resumes(tmp_path):
+    from bench.learning import train
+
+    parser = argparse.ArgumentParser()
+    train.add_arguments(parser)
+    args = parser.parse_args(["--n-train", "2", "--n-val", "1", "--size", "240", "--input-size", "224",
+                              "--epochs", "1", "--real-batch", "2", "--out", str(tmp_path / "run")])
+    assert train.run(args) == 0
+    assert (tmp_path / "run" / "checkpoint.pt").exists() and (tmp_path / "run" / "loss.png").exists()
+    args.epochs, args.resume = 2, True
+    assert train.run(args) == 0
+    ck = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert ck["epoch"] == 1 and [h["epoch"] for h in ck["history"]] == [0, 1, 2]
+    model, meta = M.load_weights(tmp_path / "run" / "weights.pt", expected_config="compact")
+    assert meta["data"]["n_train"] == 2 and np.isfinite(meta["final"]["train_loss"])
