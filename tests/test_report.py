@@ -25,9 +25,8 @@ from bench.datasets.anhir import file_digest, read_landmarks, write_landmarks
 from scipy import stats as sps
 
 from bench import geometry
-from bench.report import ReportError, build_report, export_anhir, latest_run, load_runs, plots
+from bench.report import ReportError, build_report, export_anhir, latest_run, load_runs, page, plots
 from bench.report import gallery as gal
-from bench.report import html as page
 
 THRESHOLD = 0.035
 H, W = 240, 320
@@ -471,3 +470,14 @@ def test_clear_errors(run_dir, tmp_path):
         build_report([empty])
     assert "\n" not in str(info.value)
     assert export_anhir(empty, "oracle", tmp_path / "sub").is_dir()  # an evaluation-only run still exports
+
+
+@pytest.mark.parametrize(
+    "name", ["bench.report.tables", "bench.report.stats", "bench.report.plots", "bench.report.gallery"]
+)
+def test_report_doctests(name):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(name))
+    assert result.failed == 0 and result.attempted > 0

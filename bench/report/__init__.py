@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench.report import gallery, plots, stats, tables
-from bench.report import html as page
+from bench.report import gallery, page, plots, stats, tables
 from bench.report.export import export_anhir
 from bench.report.load import ReportError, Run, landmark_errors, latest_run, load_run, load_runs, relpath
 
@@ -177,7 +176,8 @@ def build_report(run_dirs: list[Path], out_dir: Path | None = None, gallery_k: i
     notes: list[str] = []
     threshold = _threshold(runs, notes)
     multi = len(runs) > 1
-    colours = plots.palette(list(dict.fromkeys(df["label"])))
+    firsts = df.drop_duplicates("label")
+    colours = plots.palette(firsts["label"].tolist(), firsts["method"].tolist())
     t = _write_tables(df, out, multi, threshold)
     after, before, lnd_notes = landmark_errors(runs, df)
     notes += lnd_notes

@@ -14,6 +14,7 @@ frame over every run with the columns of the results schema (numbers as floats, 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -45,6 +46,8 @@ NUMERIC_COLUMNS = (
 )  # fmt: skip
 BOOL_COLUMNS = ("success", "fallback")
 FAILURE_STATUSES = ("failed", "timeout")
+# the paper's row order (Initial, Preprocessed, Proposed, SIFT, SURF, Iterative); other methods follow
+PAPER_ORDER = ("identity", "preprocessed", "learned", "sift", "surf", "iterative", "elastix")
 
 
 class ReportError(Exception):
@@ -180,6 +183,15 @@ def _labels(df: pd.DataFrame) -> pd.Series:
     return pd.Series(labels, index=df.index)
 
 
+def _in_paper_order(df: pd.DataFrame) -> pd.DataFrame:
+    """Rows reordered so labels first appear in the paper's method order, then in their stored order."""
+    first = {label: i for i, label in enumerate(dict.fromkeys(df["label"]))}
+    rank = {m: i for i, m in enumerate(PAPER_ORDER)}
+    key = [(rank.get(m, len(rank)), first[lab]) for m, lab in zip(df["method"], df["label"], strict=True)]
+    order = sorted(range(len(df)), key=lambda i: key[i])
+    return df.iloc[order].reset_index(drop=True)
+
+
 def _unique_names(runs: list[Run]) -> None:
     seen: dict[str, int] = {}
     for run in runs:
@@ -208,6 +220,7 @@ def load_runs(paths: list[str | Path]) -> tuple[list[Run], pd.DataFrame]:
     df = pd.concat(frames, ignore_index=True)
     df["device"] = df["device"].replace("", "unknown")
     df["label"] = _labels(df)
+    df = _in_paper_order(df)
     df["scored"] = np.isfinite(df["rtre_median"].to_numpy())
     df["evaluable"] = df["scored"] | df["status"].isin(FAILURE_STATUSES)
     return runs, df
@@ -232,12 +245,18 @@ def latest_run(reports_root: str | Path) -> Path:
 
 
 def _landmarks(path: Path | None) -> np.ndarray | None:
-    if path is None:
-        return None
+    return None if path is None else _cached_landmarks(str(path))
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_landmarks(path: str) -> np.ndarray | None:
+    """A dataset landmark file (read once per report: target files recur for every method)."""
     try:
-        return read_landmarks(path)
+        pts = read_landmarks(path)
     except LandmarkError:
         return None
+    pts.setflags(write=False)
+    return pts
 
 
 def read_points(path: Path) -> np.ndarray | None:

@@ -36,10 +36,33 @@ STYLE = {
 WIDTH = 6.0  # inches: readable at full text width of a two-column paper and at column width when halved
 
 
-def palette(labels: list[str]) -> dict[str, tuple[float, float, float]]:
-    """One fixed colour per label, in the given order (colour-blind safe up to 10 labels)."""
-    colours = sns.color_palette("colorblind" if len(labels) <= 10 else "husl", len(labels))
-    return {label: tuple(c) for label, c in zip(labels, colours, strict=True)}
+def palette(labels: list[str], methods: list[str] | None = None) -> dict[str, tuple[float, float, float]]:
+    """One fixed colour per label (seaborn's colour-blind palette up to 10 labels, else husl).
+
+    A method of the paper's set keeps the same colour in every report (``identity`` always the first
+    colour, ``sift`` always the fourth ...); other labels, and further variants of one method (several
+    devices or runs), take the colours no paper method uses, then the ones left over. ``methods`` gives
+    each label's method (default: the label itself).
+
+    >>> p = palette(["sift", "mine"])
+    >>> p["sift"] == palette(["identity", "sift"])["sift"] != p["mine"]
+    True
+    """
+    from bench.report.load import PAPER_ORDER
+
+    methods = methods or labels
+    if len(labels) > 10:
+        return {lab: tuple(c) for lab, c in zip(labels, sns.color_palette("husl", len(labels)), strict=True)}
+    colours = sns.color_palette("colorblind", 10)
+    out: dict[str, int] = {}
+    for label, method in zip(labels, methods, strict=True):
+        if method in PAPER_ORDER and PAPER_ORDER.index(method) not in out.values():
+            out[label] = PAPER_ORDER.index(method)
+    free = [i for i in (*range(len(PAPER_ORDER), 10), *range(len(PAPER_ORDER))) if i not in out.values()]
+    for label in labels:
+        if label not in out:
+            out[label] = free.pop(0)
+    return {label: tuple(colours[out[label]]) for label in labels}
 
 
 def save(fig: Figure, out_dir: Path, stem: str) -> dict[str, Path]:
