@@ -60,6 +60,22 @@ class GeneratorConfig:
     dust_probability: float = 0.35  # chance of dust and fibres on an image's glass
     stain_jitter: float = 0.12  # log-normal spread of each stain's channel weights, per image
 
+    def __post_init__(self) -> None:
+        lo, hi = self.scale_range
+        problems = [
+            (self.size >= 64, f"size must be at least 64 px, got {self.size}"),
+            (self.n_landmarks >= 0, f"n_landmarks must be >= 0, got {self.n_landmarks}"),
+            (0 < lo <= hi, f"scale_range must be 0 < low <= high, got {self.scale_range}"),
+            (0 < self.aspect_range[0] <= self.aspect_range[1] <= 1, f"bad aspect_range {self.aspect_range}"),
+            (self.max_shear >= 0 and self.max_translation_frac >= 0, "shear and translation must be >= 0"),
+            # the elastic map q -> q + d(q) must stay a contraction-invertible, fold-free warp
+            (0 <= self.elastic_px <= 0.03 * self.size, f"elastic_px must be in [0, {0.03 * self.size:g}] "
+                                                      f"for size {self.size}, got {self.elastic_px}"),
+        ]
+        for ok, message in problems:
+            if not ok:
+                raise ValueError(message)
+
 
 @dataclass
 class SyntheticPair:
@@ -107,8 +123,8 @@ _STAIN_TERMS: dict[str, tuple[tuple[tuple[float, tuple[float, float, float]], ..
     ),
     "PAS": (
         ((0.95, _HEMATOXYLIN),),
-        ((0.3, _SCHIFF),),
         ((0.2, _SCHIFF),),
+        ((0.14, _SCHIFF),),
         ((0.1, _SCHIFF),),
         ((1.3, _SCHIFF),),
     ),
@@ -242,6 +258,7 @@ def _outline(rng: np.random.Generator, shape: tuple[int, int], u: float, fill: f
     h, w = shape
     k = np.arange(2, 7)
     amp = rng.uniform(0.0, 0.1, k.size) / np.sqrt(k - 1)
+    amp[0] = rng.uniform(0.0, 0.2)  # elongation
     phase = rng.uniform(0, 2 * np.pi, k.size)
     theta = np.linspace(0, 2 * np.pi, 720)
     rmax = float((1 + (amp * np.cos(np.outer(theta, k) + phase)).sum(1)).max())
@@ -306,7 +323,7 @@ def _colon_ihc(rng: np.random.Generator, shape: tuple[int, int], u: float) -> tu
     base = np.rot90(_ihc_structure(), int(rng.integers(4)))
     if rng.random() < 0.5:
         base = base[:, ::-1]
-    f = 0.5 * u * rng.uniform(0.85, 1.15)
+    f = 0.62 * u * rng.uniform(0.85, 1.15)
     small = np.stack([cv2.resize(np.ascontiguousarray(base[..., c]), None, fx=f, fy=f,
                                  interpolation=cv2.INTER_AREA) for c in range(base.shape[-1])], -1)
     pad = int(40 * u)
@@ -316,8 +333,8 @@ def _colon_ihc(rng: np.random.Generator, shape: tuple[int, int], u: float) -> tu
     oy = int(rng.integers(0, tiled.shape[0] - h - 2 * pad + 1))
     ox = int(rng.integers(0, tiled.shape[1] - w - 2 * pad + 1))
     yy, xx = np.indices(shape, dtype=np.float32)
-    mx = xx + ox + pad + 25 * u * _noise(rng, shape, 120 * u)
-    my = yy + oy + pad + 25 * u * _noise(rng, shape, 120 * u)
+    mx = xx + ox + pad + 35 * u * _noise(rng, shape, 150 * u)
+    my = yy + oy + pad + 35 * u * _noise(rng, shape, 150 * u)
     channels = cv2.remap(tiled, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
     mask = _outline(rng, shape, u, fill=rng.uniform(0.8, 0.9))
     return channels, mask
@@ -381,7 +398,7 @@ def _radial_cells(rng: np.random.Generator, shape: tuple[int, int], centre: tupl
     yy, xx = np.indices(shape, dtype=np.float32)
     ang = np.arctan2(yy - cy, xx - cx)
     rad = np.hypot(yy - cy, xx - cx)
-    r0 = 0.22 * max(shape)
+    r0 = 0.16 * max(shape)
     canvas = (int(rad.max() / 3) + 4, int(2 * np.pi * r0) + 1)
     labels, dist = _cells(rng, canvas, spacing)
     mx = (ang + np.pi) * r0 + 1.5 * u * _noise(rng, shape, 12 * u)
@@ -617,7 +634,7 @@ class _Elastic:
             out.append(d)
         return out[0], out[1]
 
-    def invert(self, points: np.ndarray, tol: float = 1e-9, max_iter: int = 200) -> np.ndarray:
+    def invert(self, points: np.ndarray, tol: float = 1e-9, max_iter: int = 500) -> np.ndarray:
         """Solve ``q + d(q) = p`` for ``(N, 2)`` points ``p`` by fixed-point iteration (contraction)."""
         p = np.asarray(points, np.float64)
         q = p.copy()

@@ -213,3 +213,24 @@ def test_refresh_regenerates(tmp_path, monkeypatch):
     second = sample.sample_table(tmp_path, refresh=True)
     assert second == first and len(load_table(second)) == 2
     assert [p.name for p in tmp_path.iterdir()] == [sample.sample_key()]
+
+
+def test_config_refuses_impossible_settings():
+    with pytest.raises(ValueError, match="elastic_px"):
+        GeneratorConfig(size=90, elastic_px=3.0)
+    with pytest.raises(ValueError, match="scale_range"):
+        GeneratorConfig(scale_range=(1.2, 0.8))
+    with pytest.raises(ValueError, match="size"):
+        GeneratorConfig(size=32)
+
+
+def test_elastic_inverse_solves_the_forward_map():
+    from bench.datasets.synthetic import _Elastic
+
+    rng = np.random.default_rng(0)
+    elastic = _Elastic.random(rng, bound=6.0, size=200)
+    p = rng.uniform(0, 200, (50, 2))
+    q = elastic.invert(p)
+    dx, dy = elastic(q[:, 0], q[:, 1])
+    np.testing.assert_allclose(q + np.stack([dx, dy], 1), p, atol=1e-8)
+    assert np.abs(q - p).max() > 0.5
