@@ -37,7 +37,7 @@ from scipy import ndimage
 
 from bench.geometry import apply, random_affine, translation
 
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"  # 1: first draft (commit 4b1f2f3); 2: PAS paler, kidney pelvis, elongated outlines
 TISSUES: tuple[str, ...] = ("colon-ihc", "kidney-like", "lung-like", "breast-like")
 STAINS: tuple[str, ...] = ("HE", "DAB", "PAS", "MT")
 CHANNELS: tuple[str, ...] = ("nuclei", "cytoplasm", "stroma", "marker", "membrane")
@@ -448,8 +448,9 @@ def _lung_like(rng: np.random.Generator, shape: tuple[int, int], u: float) -> tu
     ch[..., _S] = 0.12 * wall
     ch[..., _M] = 0.9 * _dots(rng, 0.25 * wall + 0.15 * lesion, int(h * w / (9 * u) ** 2), 1.8 * u)
     ch[..., _B] = 0.7 * wall * (1 - lesion)
+    inner = cv2.erode(mask.astype(np.uint8), _disk(40 * u))
     for _ in range(int(rng.integers(3, 7))):
-        _add_airway(rng, ch, mask, u)
+        _add_airway(rng, ch, inner, u)
     depth = cv2.distanceTransform(mask.astype(np.uint8), cv2.DIST_L2, 5)
     pleura = ((depth > 0) & (depth < 3 * u) & (_noise(rng, shape, 80 * u) > -0.3)).astype(np.float32)
     ch[..., _S] = np.maximum(ch[..., _S], 0.7 * pleura)
@@ -457,9 +458,9 @@ def _lung_like(rng: np.random.Generator, shape: tuple[int, int], u: float) -> tu
     return ch, mask
 
 
-def _add_airway(rng: np.random.Generator, ch: np.ndarray, mask: np.ndarray, u: float) -> None:
-    """A bronchiole (thick nucleated epithelium) or a vessel (muscular wall) cut across, empty lumen."""
-    ys, xs = np.nonzero(cv2.erode(mask.astype(np.uint8), _disk(40 * u)))
+def _add_airway(rng: np.random.Generator, ch: np.ndarray, inner: np.ndarray, u: float) -> None:
+    """A bronchiole (thick nucleated epithelium) or a vessel (muscular wall) cut across, centred in ``inner``."""
+    ys, xs = np.nonzero(inner)
     if ys.size == 0:
         return
     i = int(rng.integers(ys.size))
@@ -468,10 +469,10 @@ def _add_airway(rng: np.random.Generator, ch: np.ndarray, mask: np.ndarray, u: f
     axes = (a, max(3, int(a * rng.uniform(0.5, 0.95))))
     angle = float(rng.uniform(0, 180))
     thick = max(2, int(a * rng.uniform(0.2, 0.35)))
-    outer, inner = np.zeros(mask.shape, np.uint8), np.zeros(mask.shape, np.uint8)
+    outer, lumen = np.zeros(inner.shape, np.uint8), np.zeros(inner.shape, np.uint8)
     cv2.ellipse(outer, centre, (axes[0] + thick, axes[1] + thick), angle, 0, 360, 1, -1)
-    cv2.ellipse(inner, centre, axes, angle, 0, 360, 1, -1)
-    wall = _blur((outer - inner).astype(np.float32), 0.7 * u)
+    cv2.ellipse(lumen, centre, axes, angle, 0, 360, 1, -1)
+    wall = _blur((outer - lumen).astype(np.float32), 0.7 * u)
     ch[...] *= 1 - _blur(outer.astype(np.float32), 0.7 * u)[..., None]
     if rng.random() < 0.5:  # bronchiole
         ch[..., _C] += 0.7 * wall

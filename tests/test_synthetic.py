@@ -156,6 +156,7 @@ def sample_cache(tmp_path_factory) -> Path:
     return cache
 
 
+@pytest.mark.slow
 def test_sample_has_enough_pairs_tissues_and_stains(sample_cache):
     table = sample.sample_table(sample_cache)
     pairs = load_table(table)
@@ -167,6 +168,7 @@ def test_sample_has_enough_pairs_tissues_and_stains(sample_cache):
     assert table.parent.name == sample.sample_key()
 
 
+@pytest.mark.slow
 def test_sample_is_reused_not_regenerated(sample_cache, monkeypatch):
     table = sample.sample_table(sample_cache)
     stamp = table.stat().st_mtime_ns
