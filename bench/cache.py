@@ -1,0 +1,210 @@
+"""On-disk cache of prepared pairs, so a second run (or another method) skips the preprocessing.
+
+A pair's key is the SHA-256 of: both image files' *content*, the stage's parameters, ``STAGE_VERSION``
+and the ``full`` flag. A changed file, parameter or stage version therefore misses and recomputes; stale
+entries are never read, only left behind until ``clear()``.
+
+Each entry is two files under ``<folder>/<key[:2]>/``: ``<key>.npz`` (the colour images, masks and the
+pre-transform) and ``<key>.json`` (scales, shapes, diagnostics and what the key was made of), each
+written to a temporary file and renamed into place (atomic on one file system), the json last: an entry
+without its json is invisible. The float images are not stored: they are recomputed from the stored
+colour images and masks by the same code that made them (:func:`bench.preprocess.view_from`), which
+keeps an entry at about 3 bytes per working pixel per image.
+
+``folder`` defaults to ``$HISTREG_CACHE``, else ``$XDG_CACHE_HOME/histreg-bench/preprocess``, else
+``~/.cache/histreg-bench/preprocess``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.preprocess import (
+    STAGE_VERSION,
+    PreparedPair,
+    PreprocessParams,
+    params_dict,
+    prepare_pair,
+    view_from,
+)
+
+_DIGESTS: dict[tuple, str] = {}  # (path, size, mtime_ns, inode) -> sha256 of the content, per process
+
+
+def default_folder() -> Path:
+    """The cache folder used when none is given."""
+    env = os.environ.get("HISTREG_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "histreg-bench" / "preprocess"
+
+
+def content_digest(path: str | Path) -> str:
+    """SHA-256 of a file's content (memoised per process while size and mtime stay the same)."""
+    path = Path(path)
+    st = path.stat()
+    memo = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+    if memo not in _DIGESTS:
+        h = hashlib.sha256()
+        with path.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        _DIGESTS[memo] = h.hexdigest()
+    return _DIGESTS[memo]
+
+
+def cache_key(source: str | Path, target: str | Path, params: PreprocessParams, full: bool) -> str:
+    """The entry key: SHA-256 over both files' content, the parameters, the stage version and ``full``."""
+    record = {
+        "source": content_digest(source),
+        "target": content_digest(target),
+        "params": params_dict(params),
+        "stage_version": STAGE_VERSION,
+        "full": bool(full),
+    }
+    return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through ``write(file object)`` to a temporary file beside ``path``, then rename it there."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class PreprocessCache:
+    """Prepared pairs on disk, keyed by content and parameters.
+
+    Parameters
+    ----------
+    folder : where entries live (None: :func:`default_folder`)
+    enabled : False: ``get`` always misses and ``put`` does nothing (``get_or_prepare`` just prepares)
+    """
+
+    def __init__(self, folder: str | Path | None = None, enabled: bool = True) -> None:
+        self.folder = Path(folder) if folder else default_folder()
+        self.enabled = enabled
+
+    def _paths(self, key: str) -> tuple[Path, Path]:
+        sub = self.folder / key[:2]
+        return sub / f"{key}.npz", sub / f"{key}.json"
+
+    def get(self, source, target, params: PreprocessParams, full: bool) -> PreparedPair | None:
+        """The cached pair, or None (disabled, absent, or unreadable: an unreadable entry is removed)."""
+        if not self.enabled:
+            return None
+        key = cache_key(source, target, params, full)
+        npz, meta_path = self._paths(key)
+        if not meta_path.exists():
+            return None
+        try:
+            meta = json.loads(meta_path.read_text())
+            if meta.get("key") != key:
+                raise ValueError("key mismatch")
+            with np.load(npz) as data:
+                arrays = {k: data[k] for k in data.files}
+            return _unpack(meta, arrays, params)
+        except (OSError, ValueError, KeyError, json.JSONDecodeError):
+            npz.unlink(missing_ok=True)
+            meta_path.unlink(missing_ok=True)
+            return None
+
+    def put(self, source, target, params: PreprocessParams, full: bool, prepared: PreparedPair) -> None:
+        """Store a prepared pair (atomic; the json, written last, makes the entry visible)."""
+        if not self.enabled:
+            return
+        key = cache_key(source, target, params, full)
+        npz, meta_path = self._paths(key)
+        npz.parent.mkdir(parents=True, exist_ok=True)
+        arrays, meta = _pack(prepared)
+        meta.update(key=key, source=str(source), target=str(target), params=params_dict(params),
+                    stage_version=STAGE_VERSION, full=bool(full))
+        _atomic_write(npz, lambda fh: np.savez(fh, **arrays))
+        _atomic_write(meta_path, lambda fh: fh.write(json.dumps(meta, default=_json_default).encode()))
+
+    def get_or_prepare(self, source, target, params: PreprocessParams | None = None,
+                       full: bool = True) -> tuple[PreparedPair, bool]:
+        """``(prepared pair, True)`` from the cache, else ``(prepare_pair(...), False)`` stored for next time."""
+        params = params or PreprocessParams()
+        hit = self.get(source, target, params, full)
+        if hit is not None:
+            return hit, True
+        prepared = prepare_pair(source, target, params, full=full)
+        try:
+            self.put(source, target, params, full, prepared)
+        except OSError:
+            pass  # a read-only or full disk costs speed, never the result
+        return prepared, False
+
+    def clear(self) -> int:
+        """Remove every entry (and stray temporary files); returns the number of entries removed."""
+        if not self.folder.exists():
+            return 0
+        n = 0
+        for sub in self.folder.iterdir():
+            if not (sub.is_dir() and len(sub.name) == 2):
+                continue
+            for f in sub.iterdir():
+                if f.suffix == ".json" and not f.name.startswith("."):
+                    n += 1
+                if f.suffix in (".json", ".npz", ".tmp"):
+                    f.unlink(missing_ok=True)
+            if not any(sub.iterdir()):
+                sub.rmdir()
+        return n
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"cannot store {type(value).__name__} in the cache's json")
+
+
+def _pack(p: PreparedPair) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    arrays = {"source_pre": np.asarray(p.source_pre, np.float64)}
+    for role, view in (("fixed", p.fixed), ("moving", p.moving)):
+        arrays[f"{role}_rgb"] = view.rgb
+        arrays[f"{role}_mask"] = np.packbits(view.mask, axis=None)
+    meta = {
+        "source_scale": list(p.source_scale),
+        "target_scale": list(p.target_scale),
+        "source_shape": list(p.source_shape),
+        "target_shape": list(p.target_shape),
+        "diagnostics": p.diagnostics,
+    }
+    return arrays, meta
+
+
+def _unpack(meta: dict[str, Any], arrays: dict[str, np.ndarray], params: PreprocessParams) -> PreparedPair:
+    diag = dict(meta["diagnostics"])
+    views = {}
+    for role in ("fixed", "moving"):
+        rgb = arrays[f"{role}_rgb"]
+        h, w = rgb.shape[:2]
+        mask = np.unpackbits(arrays[f"{role}_mask"], count=h * w).reshape(h, w).view(bool)
+        views[role] = view_from(rgb, mask, diag.get(f"glass_level_{role}", 0.0), params)
+    return PreparedPair(
+        fixed=views["fixed"],
+        moving=views["moving"],
+        source_scale=tuple(meta["source_scale"]),
+        target_scale=tuple(meta["target_scale"]),
+        source_pre=arrays["source_pre"],
+        source_shape=tuple(meta["source_shape"]),
+        target_shape=tuple(meta["target_shape"]),
+        diagnostics={**diag, "cache_hit": True},
+    )
