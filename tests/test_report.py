@@ -481,3 +481,74 @@ def test_report_doctests(name):
 
     result = doctest.testmod(importlib.import_module(name))
     assert result.failed == 0 and result.attempted > 0
+
+
+# ---------------------------------------------------------------- end to end with the harness
+
+
+def bench_cli(*args: str) -> subprocess.CompletedProcess:
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "bench", *args], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc
+
+
+def check_report_against_results(run: Path, report_dir: Path) -> pd.DataFrame:
+    """Table 1 equals the recomputation from results.csv; one Markdown row per method; every output exists."""
+    results = pd.read_csv(run / "results.csv", dtype={"success": str, "pair_id": str})
+    table = pd.read_csv(report_dir / "tables" / "table1.csv").set_index("method")
+    expected = recompute(results)
+    assert sorted(table.index) == sorted(expected.index) == sorted(set(results["method"]))
+    for col in expected.columns:
+        np.testing.assert_allclose(
+            table.loc[expected.index, col].to_numpy(float),
+            expected[col].to_numpy(float),
+            rtol=1e-12,
+            err_msg=col,
+        )
+    md = (report_dir / "tables" / "table1.md").read_text().strip().splitlines()
+    assert sorted(r.split("|")[1].strip() for r in md[2:]) == sorted(set(results["method"]))
+    html_text = (report_dir / "report.html").read_text()
+    assert all(f'<section id="{sid}">' in html_text for sid in page.SECTIONS)
+    assert "recomputed median rTRE differs" not in html_text
+    for stem in (
+        "figure2_cdf",
+        "success_vs_threshold",
+        "pairs_rtre",
+        "accuracy_vs_time",
+        "success_per_tissue",
+    ):
+        assert _nonblank_png(report_dir / "figures" / f"{stem}.png"), stem
+    assert len(list((report_dir / "gallery").glob("worst_*.png"))) == results["method"].nunique()
+    return table
+
+
+@pytest.mark.slow
+def test_end_to_end_bench_run_then_report_and_export(data, tmp_path):
+    run = tmp_path / "harness-run"
+    bench_cli("run", "--dataset", str(data["table"]), "--methods", "identity,preprocessed,sift", "--out", str(run),
+              "--no-cache", "--device", "cpu")  # fmt: skip
+    out = bench_cli("report", "--run", str(run))
+    assert "report.html" in out.stdout + out.stderr
+    table = check_report_against_results(run, run / "report")
+    assert table.loc["identity", "pairs_scored"] == 5  # the evaluation pair has no target landmarks
+    bench_cli("export-anhir", "--run", str(run), "--method", "preprocessed", "--out", str(tmp_path / "sub"))
+    sub = pd.read_csv(tmp_path / "sub" / "registration-results.csv", dtype=str, keep_default_na=False)
+    assert len(sub) == 6 and all((tmp_path / "sub" / p).is_file() for p in sub["Warped source landmarks"])
+
+
+ANHIR_MINI = Path(__file__).resolve().parents[2] / "shared" / "data" / "anhir-mini" / "dataset.csv"
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_report_on_real_anhir_pairs(tmp_path):
+    if not ANHIR_MINI.is_file():
+        pytest.skip(f"real data not found at {ANHIR_MINI} (it lives in ../shared beside the checkout)")
+    run = tmp_path / "mini"
+    bench_cli("run", "--dataset", str(ANHIR_MINI), "--methods", "identity,preprocessed", "--out", str(run),
+              "--no-cache", "--device", "cpu")  # fmt: skip
+    report_path = build_report([run])
+    table = check_report_against_results(run, report_path.parent)
+    assert table.loc["identity", "pairs_scored"] == 12
