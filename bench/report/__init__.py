@@ -140,7 +140,10 @@ def _sections(runs, df, t, figs, gal, notes, threshold, out: Path, multi: bool) 
     plot_html = "".join(
         page.figure(figs[k]["png"], cap, _figure_links(figs[k], out)) for k, cap in plot_caps.items()
     )
-    gal_html = "".join(page.figure(e["path"], e["title"]) for e in gal) or "<p>No pair could be drawn.</p>"
+    gal_html = "".join(
+        page.figure(e["path"], e["title"]) if e["path"] else f'<p class="note">{_html.escape(e["title"])}</p>'
+        for e in gal
+    )
     fig2 = page.figure(figs["figure2"]["png"], "Cumulative distribution of landmark rTRE per method "
                        "(dashed grey: before registration).", _figure_links(figs["figure2"], out))  # fmt: skip
     return [

@@ -261,4 +261,15 @@ def build_gallery(df: pd.DataFrame, runs: list[Run], out_dir: Path, k: int = 3) 
         path = method_gallery(df, by_name, label, k, out_dir / f"worst_{i:02d}_{slug(label)}.png")
         if path is not None:
             entries.append({"title": f"{label}: worst pairs", "path": path, "label": label})
+        else:
+            entries.append({"title": unscored_note(df, label), "path": None, "label": label})
     return entries
+
+
+def unscored_note(df: pd.DataFrame, label: str) -> str:
+    """Why a label has nothing to draw: its row count by status and its most frequent error."""
+    rows = df[df["label"] == label]
+    counts = ", ".join(f"{n} {s}" for s, n in rows["status"].value_counts().items())
+    errors = rows.loc[rows["error"].astype(str).str.strip() != "", "error"].value_counts()
+    why = f"; most frequent error ({errors.iloc[0]}x): {errors.index[0]}" if len(errors) else ""
+    return f"{label}: no scored pair to draw ({counts}){why}"

@@ -12,6 +12,7 @@ import warnings
 from pathlib import Path
 
 import matplotlib as mpl
+import matplotlib.ticker as mticker
 import numpy as np
 import pandas as pd
 import seaborn as sns
@@ -58,7 +59,8 @@ def palette(labels: list[str], methods: list[str] | None = None) -> dict[str, tu
     for label, method in zip(labels, methods, strict=True):
         if method in PAPER_ORDER and PAPER_ORDER.index(method) not in out.values():
             out[label] = PAPER_ORDER.index(method)
-    free = [i for i in (*range(len(PAPER_ORDER), 10), *range(len(PAPER_ORDER))) if i not in out.values()]
+    spare = (8, 9, 7)  # grey (7) last: the state before registration is grey
+    free = [i for i in (*spare, *range(len(PAPER_ORDER))) if i not in out.values()]
     for label in labels:
         if label not in out:
             out[label] = free.pop(0)
@@ -72,6 +74,18 @@ def save(fig: Figure, out_dir: Path, stem: str) -> dict[str, Path]:
     fig.savefig(paths["png"], dpi=200)
     fig.savefig(paths["svg"])
     return paths
+
+
+def tidy_log_axis(axis) -> None:
+    """Readable tick labels on a log axis: 1-2-5 steps as plain numbers when it spans at most 3 decades,
+    powers of ten otherwise; minor ticks unlabelled."""
+    lo, hi = sorted(axis.get_view_interval())
+    if lo <= 0 or hi <= 0:
+        return
+    if np.log10(hi / lo) <= 3:
+        axis.set_major_locator(mticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        axis.set_major_formatter(mticker.FormatStrFormatter("%g"))
+    axis.set_minor_formatter(mticker.NullFormatter())
 
 
 def _curve(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -161,6 +175,7 @@ def pair_boxplot(df: pd.DataFrame, colours: dict, threshold: float, out_dir: Pat
         ax.axvline(threshold, color="k", ls=":", lw=1)
         ax.set_xlabel(f"per-pair median rTRE, log scale (dotted: success threshold {threshold:g})")
         ax.set_ylabel("")
+        tidy_log_axis(ax.xaxis)
         ax.set_title("Per-pair median rTRE (one point per pair)")
         return save(fig, out_dir, "pairs_rtre")
 
@@ -200,6 +215,8 @@ def accuracy_time(df: pd.DataFrame, boot: pd.DataFrame, summary: pd.DataFrame, c
             )
         ax.set_xscale("log")
         ax.set_yscale("log")
+        tidy_log_axis(ax.xaxis)
+        tidy_log_axis(ax.yaxis)
         ax.set_xlabel("method time per pair [ms], log scale (marker: mean)")
         ax.set_ylabel("per-pair median rTRE, log scale")
         ax.set_title("Accuracy against time (marker: median rTRE with 95 % CI)")
