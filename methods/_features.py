@@ -1,0 +1,308 @@
+"""Shared machinery of the feature-based methods (``sift``, ``surf``): detector-agnostic matching,
+robust affine estimation and the checks that turn a wild answer into a reported failure.
+
+A detector backend only has to produce keypoint positions ``(N, 2)`` as ``(x, y)`` working-frame pixels and
+descriptors ``(N, D)`` for each image; :func:`register_features` does the rest:
+
+1. ratio-test matching of moving descriptors against fixed ones (brute force, L2, k = 2; optionally only
+   mutual nearest neighbours);
+2. robust affine estimation moving -> fixed with OpenCV's ``estimateAffine2D`` (USAC MAGSAC++ or RANSAC,
+   then Levenberg-Marquardt refinement on the inliers);
+3. refusal, with the reason, of too few inliers, a too small inlier ratio, or a degenerate matrix (scale
+   outside a range, strong anisotropy / shear, a reflection).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import cv2
+import numpy as np
+
+from bench import Estimate, RegistrationFailed
+
+_ESTIMATORS = {"magsac": cv2.USAC_MAGSAC, "ransac": cv2.RANSAC}
+
+
+@dataclass(frozen=True)
+class MatchParams:
+    """Parameters shared by every feature-based method (matching, estimation, failure checks)."""
+
+    ratio: float = 0.8  # Lowe's ratio test: keep a match if d1 < ratio * d2
+    mutual: bool = False  # keep only mutual nearest neighbours as well
+    estimator: Literal["magsac", "ransac"] = "magsac"
+    reproj_threshold: float = 5.0  # inlier threshold, working-frame pixels
+    max_iters: int = 10000
+    confidence: float = 0.999
+    refine_iters: int = 10  # Levenberg-Marquardt refinement on the inliers
+    min_inliers: int = 15  # fewer inliers than this: RegistrationFailed
+    min_inlier_ratio: float = 0.05  # inliers / ratio-test matches below this: RegistrationFailed
+    min_scale: float = 0.5  # sqrt(|det A|) outside [min_scale, max_scale]: degenerate
+    max_scale: float = 2.0
+    max_anisotropy: float = 1.5  # ratio of the singular values of A above this: degenerate (shear)
+    clahe_clip: float = 2.0  # CLAHE clip limit on the uint8 images before detection; 0 = off
+    clahe_tiles: int = 8  # CLAHE tile grid (tiles x tiles)
+    mask_dilation: int = 15  # tissue mask dilated by this many pixels for detection; -1 = no mask
+
+
+def to_uint8(image: np.ndarray, clahe_clip: float = 0.0, clahe_tiles: int = 8) -> np.ndarray:
+    """Convert a float image in [0, 1] to uint8, optionally with CLAHE.
+
+    Parameters
+    ----------
+    image : (H, W) float array in [0, 1]
+    clahe_clip : float
+        CLAHE clip limit; 0 leaves the contrast unchanged.
+    clahe_tiles : int
+        CLAHE tile grid size.
+
+    Returns
+    -------
+    (H, W) uint8 array
+    """
+    u8 = np.clip(np.rint(np.asarray(image, dtype=np.float32) * 255.0), 0, 255).astype(np.uint8)
+    if clahe_clip > 0:
+        u8 = cv2.createCLAHE(clipLimit=clahe_clip, tileGridSize=(clahe_tiles, clahe_tiles)).apply(u8)
+    return u8
+
+
+def detection_mask(mask: np.ndarray, dilation: int) -> np.ndarray | None:
+    """Tissue mask dilated by ``dilation`` pixels, as OpenCV wants it ((H, W) uint8 0/255), or None.
+
+    ``dilation < 0`` or an all-True mask gives None (detect everywhere). An empty mask raises
+    :class:`RegistrationFailed`: there is nothing to register.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    if not mask.any():
+        raise RegistrationFailed("empty tissue mask: no tissue to detect features on")
+    if dilation < 0 or mask.all():
+        return None
+    m = mask.astype(np.uint8) * 255
+    if dilation > 0:
+        kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * dilation + 1, 2 * dilation + 1))
+        m = cv2.dilate(m, kernel)
+    return m
+
+
+def prepare_image(view_image: np.ndarray, view_mask: np.ndarray, p: MatchParams) -> tuple[np.ndarray, np.ndarray | None]:
+    """The uint8 (H, W) image (CLAHE as configured) and the uint8 detection mask (or None) of one view."""
+    return to_uint8(view_image, p.clahe_clip, p.clahe_tiles), detection_mask(view_mask, p.mask_dilation)
+
+
+def match_descriptors(desc_moving: np.ndarray, desc_fixed: np.ndarray, ratio: float, mutual: bool) -> np.ndarray:
+    """Ratio-test matches of moving descriptors to fixed ones.
+
+    Parameters
+    ----------
+    desc_moving : (N, D) float array
+    desc_fixed : (M, D) float array
+    ratio : float
+        Lowe's ratio: keep a match when its distance is below ``ratio`` times the second best.
+    mutual : bool
+        Also require the fixed descriptor's nearest moving descriptor to be the same one.
+
+    Returns
+    -------
+    (K, 2) int array of (moving index, fixed index)
+    """
+    dm = np.ascontiguousarray(desc_moving, dtype=np.float32)
+    df = np.ascontiguousarray(desc_fixed, dtype=np.float32)
+    if len(dm) < 2 or len(df) < 2:
+        return np.empty((0, 2), dtype=int)
+    matcher = cv2.BFMatcher(cv2.NORM_L2)
+    pairs = [
+        (m.queryIdx, m.trainIdx)
+        for m, n in (k for k in matcher.knnMatch(dm, df, k=2) if len(k) == 2)
+        if m.distance < ratio * n.distance
+    ]
+    idx = np.array(pairs, dtype=int).reshape(-1, 2)
+    if mutual and len(idx):
+        back = np.array([m[0].trainIdx for m in matcher.knnMatch(df, dm, k=1)])
+        idx = idx[back[idx[:, 1]] == idx[:, 0]]
+    return idx
+
+
+def matrix_problem(matrix: np.ndarray, min_scale: float, max_scale: float, max_anisotropy: float) -> str | None:
+    """Why an affine matrix is degenerate (scale out of range, shear, reflection), or None if it is fine.
+
+    Scale is ``sqrt(det A)`` of the linear part ``A``; anisotropy is the ratio of its singular values
+    (a shear or a one-axis stretch raises it).
+
+    >>> matrix_problem(np.array([[1.0, 0, 3], [0, 1, 4]]), 0.5, 2.0, 1.5) is None
+    True
+    >>> matrix_problem(np.array([[3.0, 0, 0], [0, 3, 0]]), 0.5, 2.0, 1.5)
+    'degenerate matrix: scale 3.000 outside [0.5, 2.0]'
+    >>> matrix_problem(np.array([[-1.0, 0, 0], [0, 1, 0]]), 0.5, 2.0, 1.5)
+    'degenerate matrix: determinant -1 (reflection or collapse)'
+    """
+    a = np.asarray(matrix, dtype=np.float64)[:2, :2]
+    det = float(np.linalg.det(a))
+    if not np.isfinite(det) or det <= 0:
+        return f"degenerate matrix: determinant {det:.3g} (reflection or collapse)"
+    scale = float(np.sqrt(det))
+    if not min_scale <= scale <= max_scale:
+        return f"degenerate matrix: scale {scale:.3f} outside [{min_scale}, {max_scale}]"
+    s = np.linalg.svd(a, compute_uv=False)
+    if s[0] / s[1] > max_anisotropy:
+        return f"degenerate matrix: anisotropy (shear) {s[0] / s[1]:.3f} > {max_anisotropy}"
+    return None
+
+
+def estimate_affine(
+    pts_moving: np.ndarray, pts_fixed: np.ndarray, p: MatchParams, seed: int
+) -> tuple[np.ndarray | None, np.ndarray]:
+    """Robust affine moving -> fixed from matched points.
+
+    Parameters
+    ----------
+    pts_moving, pts_fixed : (K, 2) float arrays of (x, y)
+    p : MatchParams
+    seed : int
+        Seeds OpenCV's random generator (RANSAC sampling).
+
+    Returns
+    -------
+    matrix : (2, 3) float array or None when no model was found
+    inliers : (K,) bool array
+    """
+    cv2.setRNGSeed(int(seed))
+    matrix, inl = cv2.estimateAffine2D(
+        np.ascontiguousarray(pts_moving, dtype=np.float32).reshape(-1, 1, 2),
+        np.ascontiguousarray(pts_fixed, dtype=np.float32).reshape(-1, 1, 2),
+        method=_ESTIMATORS[p.estimator],
+        ransacReprojThreshold=p.reproj_threshold,
+        maxIters=p.max_iters,
+        confidence=p.confidence,
+        refineIters=p.refine_iters,
+    )
+    inliers = np.zeros(len(pts_moving), bool) if inl is None else inl.ravel().astype(bool)
+    return matrix, inliers
+
+
+def register_features(
+    kp_moving: np.ndarray,
+    desc_moving: np.ndarray,
+    kp_fixed: np.ndarray,
+    desc_fixed: np.ndarray,
+    p: MatchParams,
+    seed: int,
+    extra: dict[str, Any] | None = None,
+) -> Estimate:
+    """Match, estimate and check: the whole feature-based registration after detection.
+
+    Parameters
+    ----------
+    kp_moving : (N, 2) float array of (x, y) keypoints in the moving image
+    desc_moving : (N, D) descriptors
+    kp_fixed : (M, 2) float array of (x, y) keypoints in the fixed image
+    desc_fixed : (M, D) descriptors
+    p : MatchParams
+    seed : int
+    extra : dict, optional
+        Diagnostics to add (backend name ...); also attached to a failure's message.
+
+    Returns
+    -------
+    Estimate
+        Moving -> fixed matrix; diagnostics ``keypoints_moving``, ``keypoints_fixed``, ``matches``,
+        ``inliers``, ``inlier_ratio`` plus ``extra``.
+
+    Raises
+    ------
+    RegistrationFailed
+        Too few keypoints, matches or inliers, too small an inlier ratio, or a degenerate matrix.
+    """
+    diag: dict[str, Any] = dict(extra or {})
+    diag.update(keypoints_moving=int(len(kp_moving)), keypoints_fixed=int(len(kp_fixed)))
+    idx = match_descriptors(desc_moving, desc_fixed, p.ratio, p.mutual)
+    diag["matches"] = int(len(idx))
+
+    def fail(reason: str) -> RegistrationFailed:
+        return RegistrationFailed(f"{reason} ({', '.join(f'{k}={v}' for k, v in diag.items())})")
+
+    if len(idx) < max(3, p.min_inliers):
+        raise fail(f"too few matches: {len(idx)} < {max(3, p.min_inliers)}")
+    pm = np.asarray(kp_moving, dtype=np.float64)[idx[:, 0]]
+    pf = np.asarray(kp_fixed, dtype=np.float64)[idx[:, 1]]
+    matrix, inliers = estimate_affine(pm, pf, p, seed)
+    n_in = int(inliers.sum())
+    diag.update(inliers=n_in, inlier_ratio=round(n_in / len(idx), 4))
+    if matrix is None or not np.all(np.isfinite(matrix)):
+        raise fail("robust estimation found no affine model")
+    if n_in < p.min_inliers:
+        raise fail(f"too few inliers: {n_in} < {p.min_inliers}")
+    if n_in / len(idx) < p.min_inlier_ratio:
+        raise fail(f"inlier ratio {n_in / len(idx):.3f} < {p.min_inlier_ratio}")
+    problem = matrix_problem(matrix, p.min_scale, p.max_scale, p.max_anisotropy)
+    if problem:
+        raise fail(problem)
+    return Estimate(matrix, diag)
+
+
+# ---------------------------------------------------------------------------------------------
+# A detector-agnostic check of a finished alignment (used by the intensity-based methods).
+
+
+def band_pass(image: np.ndarray, sigma: float) -> np.ndarray:
+    """Difference of Gaussians (``sigma`` minus ``4 sigma``) of a (H, W) image, float32."""
+    img = np.asarray(image, dtype=np.float32)
+    return cv2.GaussianBlur(img, (0, 0), sigma) - cv2.GaussianBlur(img, (0, 0), 4 * sigma)
+
+
+def _rank_mi(a: np.ndarray, b: np.ndarray, bins: int) -> float:
+    """Mutual information (nats) of two (N,) samples after equal-frequency (rank) binning of each."""
+    qa = np.searchsorted(np.quantile(a, np.linspace(0, 1, bins + 1)[1:-1]), a)
+    qb = np.searchsorted(np.quantile(b, np.linspace(0, 1, bins + 1)[1:-1]), b)
+    joint = np.bincount(qa * bins + qb, minlength=bins * bins).reshape(bins, bins).astype(np.float64)
+    joint /= joint.sum()
+    pa, pb = joint.sum(1, keepdims=True), joint.sum(0, keepdims=True)
+    nz = joint > 0
+    return float((joint[nz] * np.log(joint[nz] / (pa @ pb)[nz])).sum())
+
+
+def alignment_evidence(
+    fixed_image: np.ndarray,
+    fixed_mask: np.ndarray,
+    moving_image: np.ndarray,
+    moving_mask: np.ndarray,
+    matrix: np.ndarray,
+    sigma: float = 4.0,
+    bins: int = 16,
+    max_samples: int = 100_000,
+) -> dict[str, float]:
+    """How much more the aligned images share than the same images slightly shifted.
+
+    Both images are band-passed (:func:`band_pass`), the moving one is warped into the fixed frame by
+    ``matrix`` (moving -> fixed), and the mutual information of the two (rank-binned, so any monotonic or
+    non-monotonic stain relation counts) is measured inside the common tissue, eroded so that the tissue
+    outline does not count. The same is measured with the warped image shifted by ``4 sigma`` in 8
+    directions: the structure of one tissue seen in two stains is only shared where it lies on itself, so
+    a correct alignment gives clearly more information than its shifted copies, while an unrelated pair
+    (or a match of outlines only) gives about the same. Returns ``mi`` (at the alignment), ``mi_shifted``
+    (largest over the shifts) and ``contrast = mi / mi_shifted`` (0 when the common tissue is too small).
+
+    Parameters
+    ----------
+    fixed_image, moving_image : (H, W), (H2, W2) float arrays
+    fixed_mask, moving_mask : bool arrays of the same shapes
+    matrix : (3, 3) or (2, 3) moving -> fixed
+    """
+    h, w = fixed_image.shape
+    m2 = np.asarray(matrix, dtype=np.float64)[:2]
+    warped = cv2.warpAffine(band_pass(moving_image, sigma), m2, (w, h), flags=cv2.INTER_LINEAR)
+    wmask = cv2.warpAffine(moving_mask.astype(np.uint8), m2, (w, h), flags=cv2.INTER_NEAREST)
+    d = max(1, int(round(4 * sigma)))
+    k = 2 * (d + int(round(2 * sigma))) + 1
+    common = cv2.erode(fixed_mask.astype(np.uint8) & wmask, np.ones((k, k), np.uint8)) > 0
+    common[:d], common[-d:], common[:, :d], common[:, -d:] = False, False, False, False
+    ys, xs = np.nonzero(common)
+    if len(ys) < 500:
+        return {"mi": 0.0, "mi_shifted": 0.0, "contrast": 0.0}
+    step = max(1, len(ys) // max_samples)
+    ys, xs = ys[::step], xs[::step]
+    f = band_pass(fixed_image, sigma)[ys, xs]
+    mi = _rank_mi(f, warped[ys, xs], bins)
+    shifts = [(dx, dy) for dx in (-d, 0, d) for dy in (-d, 0, d) if dx or dy]
+    mi_shifted = max(_rank_mi(f, warped[ys + dy, xs + dx], bins) for dx, dy in shifts)
+    return {"mi": mi, "mi_shifted": mi_shifted, "contrast": mi / mi_shifted if mi_shifted > 0 else 0.0}

@@ -1,0 +1,130 @@
+"""``surf``: SURF keypoints on the preprocessed images, ratio-test matching, robust affine (MAGSAC++).
+
+The paper's "SURF" row. OpenCV's SURF lives in the "nonfree" part of ``opencv-contrib`` that the PyPI
+wheels leave out (``cv2.xfeatures2d.SURF_create`` raises there); when the installed OpenCV has it, it is
+used, otherwise ``mahotas.features.surf`` (a full SURF: fast-Hessian detector, orientation, 64-D
+descriptor). The backend that ran is recorded in the diagnostics (``backend``). Matching, robust estimation
+and the failure checks are shared with ``sift`` (:mod:`bench.methods._features`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import Literal
+
+import cv2
+import numpy as np
+from bench.methods._features import MatchParams, prepare_image, register_features
+
+from bench import Context, Estimate, ImageView, Method, RegistrationFailed, register
+
+
+@dataclass(frozen=True)
+class SurfParams(MatchParams):
+    """SURF detector settings plus the shared matching parameters (:class:`MatchParams`)."""
+
+    backend: Literal["auto", "opencv", "mahotas"] = "auto"  # auto: OpenCV if it has SURF, else mahotas
+    hessian_threshold: float = 100.0  # OpenCV: minimum Hessian response
+    max_points: int = 5000  # mahotas: strongest N points per image (OpenCV: keep the strongest N)
+    mahotas_threshold: float = 0.1  # mahotas: minimum interest-point strength (images in 0..255)
+    n_octaves: int = 4
+    n_scales: int = 6  # mahotas: scales per octave (OpenCV uses n_scales - 2 octave layers)
+
+
+def opencv_surf_available() -> bool:
+    """True when the installed OpenCV build includes the nonfree SURF."""
+    try:
+        cv2.xfeatures2d.SURF_create(100.0)
+    except (AttributeError, cv2.error):
+        return False
+    return True
+
+
+def mahotas_available() -> bool:
+    return importlib.util.find_spec("mahotas") is not None
+
+
+def _in_mask(points: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """(N,) bool: which (x, y) points fall inside a (H, W) uint8 mask (all, for no mask)."""
+    if mask is None or len(points) == 0:
+        return np.ones(len(points), bool)
+    h, w = mask.shape
+    xi = np.clip(np.rint(points[:, 0]).astype(int), 0, w - 1)
+    yi = np.clip(np.rint(points[:, 1]).astype(int), 0, h - 1)
+    return mask[yi, xi] > 0
+
+
+def detect_surf_opencv(image: np.ndarray, mask: np.ndarray | None, p: SurfParams) -> tuple[np.ndarray, np.ndarray]:
+    """OpenCV SURF keypoints (N, 2) as (x, y) and 64-D descriptors (N, 64) of a (H, W) uint8 image."""
+    surf = cv2.xfeatures2d.SURF_create(
+        hessianThreshold=p.hessian_threshold, nOctaves=p.n_octaves, nOctaveLayers=max(1, p.n_scales - 2)
+    )
+    kps, desc = surf.detectAndCompute(image, mask)
+    if desc is None or not kps:
+        return np.empty((0, 2)), np.empty((0, 64), np.float32)
+    order = np.argsort([-k.response for k in kps], kind="stable")[: p.max_points]
+    return np.array([kps[i].pt for i in order], dtype=np.float64), desc[order]
+
+
+def detect_surf_mahotas(image: np.ndarray, mask: np.ndarray | None, p: SurfParams) -> tuple[np.ndarray, np.ndarray]:
+    """mahotas SURF keypoints (N, 2) as (x, y) and 64-D descriptors (N, 64) of a (H, W) uint8 image.
+
+    mahotas returns rows ``(y, x, scale, score, laplacian, angle, d0..d63)``; points outside the mask are
+    dropped (mahotas has no detection mask; the background is flat, so it yields few points anyway).
+    """
+    import mahotas.features.surf as msurf
+
+    rows = msurf.surf(
+        image.astype(np.float64),
+        nr_octaves=p.n_octaves,
+        nr_scales=p.n_scales,
+        threshold=p.mahotas_threshold,
+        max_points=p.max_points,
+        descriptor_only=False,
+    )
+    if len(rows) == 0:
+        return np.empty((0, 2)), np.empty((0, 64), np.float32)
+    points = rows[:, [1, 0]].astype(np.float64)
+    keep = _in_mask(points, mask)
+    return points[keep], rows[keep, 6:].astype(np.float32)
+
+
+@register
+class Surf(Method):
+    name = "surf"
+    version = "1"
+    description = "SURF keypoints (OpenCV nonfree if built in, else mahotas), ratio test, MAGSAC++ affine."
+    uses_preprocessing = True
+    devices = ("cpu",)
+    Params = SurfParams
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        if mahotas_available() or opencv_surf_available():
+            return None
+        return "no SURF backend: OpenCV lacks nonfree SURF and mahotas is not installed"
+
+    def backend(self) -> str:
+        """The backend this instance will use: 'opencv' or 'mahotas'."""
+        choice = self.params.backend
+        if choice == "opencv" or (choice == "auto" and opencv_surf_available()):
+            if not opencv_surf_available():
+                raise RegistrationFailed("backend=opencv but this OpenCV build has no SURF (nonfree)")
+            return "opencv"
+        if not mahotas_available():
+            raise RegistrationFailed("backend=mahotas but mahotas is not installed")
+        return "mahotas"
+
+    def estimate(self, fixed: ImageView, moving: ImageView, context: Context) -> Estimate:
+        p: SurfParams = self.params
+        cv2.setRNGSeed(int(context.seed))
+        backend = self.backend()
+        detect = detect_surf_opencv if backend == "opencv" else detect_surf_mahotas
+        img_f, mask_f = prepare_image(fixed.image, fixed.mask, p)
+        img_m, mask_m = prepare_image(moving.image, moving.mask, p)
+        kp_f, desc_f = detect(img_f, mask_f, p)
+        kp_m, desc_m = detect(img_m, mask_m, p)
+        if len(kp_f) < 3 or len(kp_m) < 3:
+            raise RegistrationFailed(f"too few SURF keypoints (fixed {len(kp_f)}, moving {len(kp_m)}; {backend})")
+        return register_features(kp_m, desc_m, kp_f, desc_f, p, context.seed, extra={"backend": backend})
