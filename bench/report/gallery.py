@@ -2,7 +2,7 @@
 
 The target is drawn in magenta and the (warped) source in green on the target's frame, so tissue that
 overlaps turns white and misalignment shows as separate magenta and green. Images are decoded already
-reduced (Pillow's JPEG draft mode: DCT scaling) so whole slides never load at full size; the stored matrix
+reduced (:func:`bench.imageio.load_image`) so whole slides never load at full size; the stored matrix
 (original pixels, source -> target) is composed with the two reductions and applied with
 ``cv2.warpAffine``. Target landmarks (white circles) and source landmarks (yellow crosses: warped by the
 stored result after, unwarped before) are joined by their error lines.
@@ -10,11 +10,9 @@ stored result after, unwarped before) are joined by their error lines.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import re
-import warnings
 from pathlib import Path
 
 import cv2
@@ -23,9 +21,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
-from PIL import Image
 
-from bench import geometry
+from bench import geometry, imageio
 from bench.datasets.anhir import LandmarkError, read_landmarks
 from bench.report.load import WARPED, Run, read_points, resolve_file
 from bench.report.plots import STYLE
@@ -33,38 +30,22 @@ from bench.report.plots import STYLE
 MAX_SIDE = 720  # longer side of the decoded target / source in the gallery, pixels
 
 
-@contextlib.contextmanager
-def _large_images_allowed():
-    """Let Pillow open whole-slide images (its decompression-bomb guard) for the duration."""
-    old = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = None
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            yield
-    finally:
-        Image.MAX_IMAGE_PIXELS = old
-
-
 @functools.lru_cache(maxsize=16)
 def read_reduced(path: str, max_side: int = MAX_SIDE) -> tuple[np.ndarray, tuple[float, float]]:
-    """Decode an image reduced so its longer side is at most ``max_side``.
+    """Decode an image reduced so its longer side is at most ``max_side`` (:func:`bench.imageio.load_image`:
+    JPEG DCT scaling, TIFF pyramid levels or bands, so a whole slide is never decoded at full size).
 
     Returns
     -------
     rgb : (h, w, 3) uint8 array
     scale : (sx, sy)
-        Reduced size over original size, per axis (for :func:`bench.geometry.resample_matrix`).
+        Exact scales from original pixel coordinates to ``rgb`` (for
+        :func:`bench.geometry.resample_matrix`).
     """
-    with _large_images_allowed(), Image.open(path) as im:
-        width, height = im.size
-        s = min(1.0, max_side / max(width, height))
-        size = (max(1, round(width * s)), max(1, round(height * s)))
-        im.draft("RGB", size)  # JPEG: decode at 1/2, 1/4 or 1/8 scale; a no-op for other formats
-        rgb = im.convert("RGB")
-        if rgb.size != size:
-            rgb = rgb.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
-        return np.asarray(rgb), (size[0] / width, size[1] / height)
+    height, width = imageio.read_size(path)
+    factor = min(1.0, max_side / max(width, height))
+    loaded = imageio.load_image(path, imageio.target_size((height, width), factor))
+    return loaded.rgb, loaded.scale
 
 
 def tissue_intensity(rgb: np.ndarray) -> np.ndarray:
@@ -116,8 +97,12 @@ class PairView:
         if src_path is None or tgt_path is None:
             self.problem = f"image not found: {row.source_image if src_path is None else row.target_image}"
             return
-        self.src_rgb, src_scale = read_reduced(str(src_path), max_side)
-        tgt_rgb, tgt_scale = read_reduced(str(tgt_path), max_side)
+        try:
+            self.src_rgb, src_scale = read_reduced(str(src_path), max_side)
+            tgt_rgb, tgt_scale = read_reduced(str(tgt_path), max_side)
+        except imageio.ImageLoadError as exc:
+            self.problem = str(exc)
+            return
         self.r_s = geometry.resample_matrix(*src_scale)
         self.r_t = geometry.resample_matrix(*tgt_scale)
         self.size = (tgt_rgb.shape[1], tgt_rgb.shape[0])
@@ -173,8 +158,11 @@ def _panel_size(df_rows: pd.DataFrame, runs: dict[str, Run], width: float) -> fl
     path = resolve_file(row["target_image"], runs[row["run"]])
     if path is None:
         return width * 0.75
-    rgb, _ = read_reduced(str(path))
-    return width * rgb.shape[0] / rgb.shape[1]
+    try:
+        height, w = imageio.read_size(path)
+    except imageio.ImageLoadError:
+        return width * 0.75
+    return width * height / w
 
 
 def method_gallery(df: pd.DataFrame, runs: dict[str, Run], label: str, k: int, out_path: Path) -> Path | None:
