@@ -6,7 +6,8 @@ of ``cv2.resize`` (``x' = (x + 0.5) * sx - 0.5``, see :func:`bench.geometry.resa
 
 How each format is reduced before the final anti-aliased ``cv2.INTER_AREA`` resize:
 
-* **JPEG**: Pillow's ``draft`` makes libjpeg decode at 1/2, 1/4 or 1/8 scale (DCT scaling). Decoded
+* **JPEG**: Pillow reads the size from the header, then libjpeg (``cv2.IMREAD_REDUCED_COLOR_*``) decodes
+  at 1/2, 1/4 or 1/8 scale (DCT scaling). Decoded
   pixel ``i`` covers original pixels ``[d*i, d*i + d)``, the last one padded by the encoder, so the scale is
   ``w / (d * ceil(W / d))`` rather than ``w / W`` when ``W`` is not a multiple of ``d``.
 * **TIFF** (tifffile): of a pyramid, the smallest level still at least as large as wanted; a tiled or
@@ -168,22 +169,31 @@ def load_image(path: str | Path, size: tuple[int, int] | None = None) -> LoadedI
 # decoders: each returns (raw array, full (H, W), covered original extent (x, y), how)
 
 
+_REDUCED = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
+            8: cv2.IMREAD_REDUCED_COLOR_8}
+
+
 def _decode_jpeg(path: Path, size: tuple[int, int] | None):
+    """libjpeg (through OpenCV) decodes at 1/d with d the largest of 8, 4, 2 keeping >= ``size``."""
     from PIL import Image
 
-    with _trusted_large_images(), Image.open(path) as im:
+    with _trusted_large_images(), Image.open(path) as im:  # header only
         full_w, full_h = im.size
-        d = 1
-        if size is not None:
-            drafted = im.draft("RGB", size)  # DCT scaling by the largest of 8, 4, 2 keeping >= size
-            if drafted is not None:  # (mode, (0, 0, W / d, H / d))
-                d = max(1, int(round(full_w / drafted[1][2])))
-        if im.mode not in ("RGB", "L"):
-            im = im.convert("RGB")  # CMYK, YCbCr
-        raw = np.asarray(im)
-    dh, dw = raw.shape[:2]
+    with path.open("rb") as fh:  # libjpeg only warns about a truncated file and returns grey rows
+        fh.seek(max(0, path.stat().st_size - 4096))
+        if b"\xff\xd9" not in fh.read():
+            raise ImageLoadError(f"{path}: truncated JPEG (no end-of-image marker)")
+    d = 1
+    if size is not None:
+        d = _pow2_at_most(min(full_w / size[0], full_h / size[1]), cap=8)
+    bgr = cv2.imread(str(path), _REDUCED[d] | cv2.IMREAD_IGNORE_ORIENTATION)
+    if bgr is None:
+        raise ImageLoadError(f"{path}: cannot decode image (corrupt or unsupported JPEG)")
+    dh, dw = bgr.shape[:2]
+    if (dw, dh) != (-(-full_w // d), -(-full_h // d)):
+        raise ImageLoadError(f"{path}: decoded size {dw}x{dh} does not match the header's {full_w}x{full_h}")
     how = f"jpeg-dct/{d}" if d > 1 else "full"
-    return raw, (full_h, full_w), (d * dw, d * dh), how
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), (full_h, full_w), (d * dw, d * dh), how
 
 
 def _decode_cv2(path: Path):

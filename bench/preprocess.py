@@ -66,12 +66,13 @@ class PreprocessParams:
     mask: bool = True  # False: every pixel is tissue
     mask_size: int = 256  # longer side of the mask before it is resized to the working size, pixels
     mask_sigma: float = 1.0  # Gaussian before the Laplacian (measured at 2 x mask_size), pixels
-    mask_energy_sigma: float = 2.0  # Gaussian on |Laplacian| after halving to mask_size, pixels
+    mask_energy_sigma: float = 1.0  # Gaussian on |Laplacian| after halving to mask_size, pixels
     mask_min_energy: float = 0.003  # absolute floor of the threshold on the smoothed |Laplacian|
+    mask_shrink: float = 2.0  # erosion after filling, mask pixels: undoes the smoothing halo
     mask_close: float = 0.02  # closing radius, fraction of the mask's longer side
     mask_open: float = 0.004  # opening radius, fraction
     mask_min_area: float = 0.002  # components smaller than this fraction of the image are dropped
-    mask_border_thickness: float = 0.015  # border-touching components thinner than this are dropped
+    mask_border_thickness: float = 0.025  # border-touching components thinner than this are dropped
     mask_min_coverage: float = 0.01  # a mask covering less than this falls back to the whole image
     background_subtract: bool = True  # subtract the glass level so the background sits at 0
     # initial rotation
@@ -84,8 +85,8 @@ class PreprocessParams:
     refine_candidates: int = 2  # coarse local maxima refined, per mirror state
     translation_search: bool = True  # best shift of each candidate angle (FFT), not only the centres
     max_shift: float = 0.25  # largest shift searched, fraction of the longer side
-    flip_test: bool = True  # also search the mirrored source
-    flip_margin: float = 0.05  # NCC margin by which the mirrored source must win
+    flip_test: bool = False  # also search the mirrored source (doubles the search; off for speed)
+    flip_margin: float = 0.1  # NCC margin by which the mirrored source must win
 
     def __post_init__(self) -> None:
         positive = ("working_size", "mask_size", "rotation_size", "refine_size", "angle_step_deg",
@@ -94,7 +95,7 @@ class PreprocessParams:
             if not getattr(self, name) > 0:
                 raise ValueError(f"preprocess.{name} must be > 0, got {getattr(self, name)!r}")
         for name in ("smoothing_sigma", "mask_sigma", "mask_energy_sigma", "mask_min_energy", "mask_close",
-                     "mask_open", "mask_min_area", "mask_border_thickness", "mask_min_coverage", "flip_margin",
+                     "mask_open", "mask_shrink", "mask_min_area", "mask_border_thickness", "mask_min_coverage", "flip_margin",
                      "max_shift"):
             if getattr(self, name) < 0:
                 raise ValueError(f"preprocess.{name} must be >= 0, got {getattr(self, name)!r}")
@@ -252,7 +253,11 @@ def _fill_holes(mask: np.ndarray) -> np.ndarray:
 
 
 def _clean_components(mask: np.ndarray, params: PreprocessParams, side: int) -> np.ndarray:
-    """Drop small components and thin border-touching ones (pen marks, slide edges). uint8 in/out."""
+    """Drop small components and thin border-touching ones (pen marks, slide edges). uint8 in/out.
+
+    A border-touching component is thin when an erosion by ``mask_border_thickness * side`` leaves
+    nothing of it: no point of it lies deeper inside than a stroke.
+    """
     n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
     if n <= 1:
         return mask
@@ -260,14 +265,11 @@ def _clean_components(mask: np.ndarray, params: PreprocessParams, side: int) -> 
     x, y, bw, bh, area = (stats[:, i] for i in range(5))
     keep = area >= params.mask_min_area * h * w
     touches = (x == 0) | (y == 0) | (x + bw == w) | (y + bh == h)
-    check = np.flatnonzero(keep & touches)
-    check = check[check > 0]
-    if params.mask_border_thickness > 0 and check.size:
-        from scipy import ndimage
-
-        dist = cv2.distanceTransform(mask, cv2.DIST_L2, 3)
-        depth = np.asarray(ndimage.maximum(dist, labels, check))  # deepest point of each component
-        keep[check[depth < params.mask_border_thickness * side]] = False  # a stroke along the edge
+    radius = params.mask_border_thickness * side
+    if radius >= 0.5 and np.any(keep[1:] & touches[1:]):
+        core = cv2.erode(mask, _disk(radius), borderType=cv2.BORDER_CONSTANT, borderValue=0)
+        survivors = np.bincount(labels[core > 0], minlength=n)
+        keep &= ~touches | (survivors > 0)
     keep[0] = False
     return keep[labels].astype(np.uint8)
 
@@ -304,6 +306,8 @@ def tissue_mask(rgb: np.ndarray, params: PreprocessParams | None = None) -> tupl
     if params.mask_close > 0:
         m = cv2.morphologyEx(m, cv2.MORPH_CLOSE, _disk(params.mask_close * side))
     m = _fill_holes(m)
+    if params.mask_shrink > 0:
+        m = cv2.erode(m, _disk(params.mask_shrink), borderType=cv2.BORDER_REPLICATE)
     if params.mask_open > 0:
         m = cv2.morphologyEx(m, cv2.MORPH_OPEN, _disk(params.mask_open * side))
     m = _clean_components(m, params, side)
@@ -316,7 +320,8 @@ def tissue_mask(rgb: np.ndarray, params: PreprocessParams | None = None) -> tupl
     cx, cy = centre_of_mass(m.view(bool))
     big = cv2.resize(m * np.uint8(255), (w, h), interpolation=cv2.INTER_LINEAR)
     cv2.threshold(big, 127, 1, cv2.THRESH_BINARY, dst=big)
-    glass = cv2.mean(rgb, mask=1 - big)[:3] if cv2.countNonZero(big) < big.size else (255.0, 255.0, 255.0)
+    small_rgb = cv2.resize(rgb, (mw, mh), interpolation=cv2.INTER_NEAREST)  # enough for a mean colour
+    glass = cv2.mean(small_rgb, mask=1 - m)[:3] if cv2.countNonZero(m) < m.size else (255.0, 255.0, 255.0)
     info = {
         "coverage": cv2.countNonZero(big) / big.size,
         "threshold": float(threshold),
@@ -388,9 +393,8 @@ def warp_batch(source: np.ndarray, shape: tuple[int, int], matrices: np.ndarray)
     src = np.ascontiguousarray(source, np.float32)
     for i in range(0, n, per):
         k = min(per, n - i)
-        out[i: i + k] = cv2.remap(src, mx[i: i + k].reshape(k * ht, wt), my[i: i + k].reshape(k * ht, wt),
-                                  cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0
-                                  ).reshape(k, ht, wt)
+        cv2.remap(src, mx[i: i + k].reshape(k * ht, wt), my[i: i + k].reshape(k * ht, wt), cv2.INTER_LINEAR,
+                  dst=out[i: i + k].reshape(k * ht, wt), borderMode=cv2.BORDER_CONSTANT, borderValue=0)
     return out
 
 
@@ -448,8 +452,12 @@ def shift_batch(warped: np.ndarray, target: np.ndarray, max_shift: float) -> tup
     a = warped - warped.mean(axis=(1, 2), keepdims=True)
     b = target - target.mean()
     norm = np.sqrt(np.einsum("nhw,nhw->n", a, a).astype(np.float64) * float((b * b).sum()))
-    spec = np.conj(fft.rfft2(a, size, axes=(1, 2))) * fft.rfft2(b, size)
+    spec = fft.rfft2(a, size, axes=(1, 2))
+    del a
+    np.conjugate(spec, out=spec)  # in place: fewer large temporaries (page faults are costly here)
+    spec *= fft.rfft2(b, size)
     corr = fft.irfft2(spec, size, axes=(1, 2))
+    del spec
     d = np.r_[-m: m + 1]
     win = corr[:, d % size[0]][:, :, d % size[1]] / np.maximum(norm, 1e-12)[:, None, None]  # (N, dy, dx)
     flat = win.reshape(n, -1).argmax(axis=1)
@@ -498,10 +506,16 @@ def _reduce(image: np.ndarray, r: float) -> tuple[np.ndarray, np.ndarray]:
 class _Level:
     """Source and target reduced by one factor; scores candidate working-frame matrices there."""
 
-    def __init__(self, source: np.ndarray, target: np.ndarray, size: int, params: PreprocessParams) -> None:
+    def __init__(self, source: np.ndarray, target: np.ndarray, size: int, params: PreprocessParams,
+                 finer: _Level | None = None) -> None:
         side = max(*source.shape, *target.shape)
-        self.s, self.rs = _reduce(source, size / side)
-        self.t, self.rt = _reduce(target, size / side)
+        if finer is not None and size < max(*finer.s.shape, *finer.t.shape):  # reduce the finer level
+            sub = size / max(*finer.s.shape, *finer.t.shape)
+            (self.s, rs), (self.t, rt) = _reduce(finer.s, sub), _reduce(finer.t, sub)
+            self.rs, self.rt = rs @ finer.rs, rt @ finer.rt
+        else:
+            self.s, self.rs = _reduce(source, size / side)
+            self.t, self.rt = _reduce(target, size / side)
         self.max_shift = params.max_shift * max(self.t.shape)
 
     def warp(self, matrices: np.ndarray) -> np.ndarray:
@@ -533,7 +547,8 @@ def rotation_search(
     2. refine: around the ``refine_candidates`` best local maxima of each mirror state, every
        ``refine_step_deg`` within one coarse step at ``refine_size`` (shift kept), one batch; a parabola
        through the peak gives the angle;
-    3. with ``translation_search``, the shift of each mirror state's best angle again at ``refine_size``.
+    3. with ``translation_search``, each candidate's shift again at ``refine_size``; the best candidate
+       of each mirror state wins.
 
     The mirrored source is kept only when its NCC beats the unmirrored one by ``flip_margin``.
 
@@ -553,34 +568,39 @@ def rotation_search(
     step, fine = params.angle_step_deg, min(params.refine_step_deg, params.angle_step_deg)
     flips = (False, True) if params.flip_test and rotate else (False,)
     coarse = np.arange(0.0, 360.0, step) if rotate else np.zeros(1)
+    t0 = time.perf_counter()
     # 1. coarse, both mirror states in one batch
-    level = _Level(source, target, params.rotation_size, params)
+    fine_level = _Level(source, target, params.refine_size, params)
+    level = _Level(source, target, params.rotation_size, params, finer=fine_level)
     mats = candidate_matrices(np.tile(coarse, len(flips)), np.repeat(flips, len(coarse)), c_src, c_tgt)
     ncc, shift = level.shifted(mats) if shifts else (level.ncc(mats), np.zeros((len(mats), 2)))
     ncc, shift = ncc.reshape(len(flips), -1), shift.reshape(len(flips), len(coarse), 2)
+    t1 = time.perf_counter()
     k = params.refine_candidates if rotate and params.refine else 1
     cands = [(float(coarse[j]), f, shift[i, j]) for i, f in enumerate(flips) for j in _local_maxima(ncc[i], k)]
     # 2. refine every candidate's angle (its coarse shift applied), one batch
     offsets = np.arange(-step, step + fine / 2, fine) if rotate and params.refine else np.zeros(1)
-    fine_level = _Level(source, target, params.refine_size, params)
     record = [np.eye(3), candidate_matrices(0.0, False, c_src, c_tgt)[0]]  # identity, centres only
     mats = np.concatenate([geometry.translation(*d) @ candidate_matrices(a + offsets, f, c_src, c_tgt)
                            for a, f, d in cands] + [np.stack(record)])
     ncc2 = fine_level.ncc(mats)
     n_off = len(offsets)
-    best: dict[bool, tuple[float, np.ndarray, float]] = {}
+    refined = []  # (angle, flipped, shift, ncc) of each candidate
     for i, (a, f, d) in enumerate(cands):
         vals = ncc2[i * n_off: (i + 1) * n_off]
         j = int(np.argmax(vals))
-        if f not in best or vals[j] > best[f][2]:
-            angle = a + offsets[j] + (_parabola_peak(vals, j) * fine if n_off > 1 else 0.0)
-            best[f] = ((angle + 180.0) % 360.0 - 180.0, d, float(vals[j]))
-    # 3. the shift of each mirror state's best angle at the finer size
+        angle = a + offsets[j] + (_parabola_peak(vals, j) * fine if n_off > 1 else 0.0)
+        refined.append(((angle + 180.0) % 360.0 - 180.0, f, d, float(vals[j])))
+    # 3. every candidate's shift again at the finer size, so candidates compare at their best
     if shifts:
         mats = np.stack([geometry.translation(*d) @ candidate_matrices(a, f, c_src, c_tgt)[0]
-                         for f, (a, d, _) in best.items()])
+                         for a, f, d, _ in refined])
         ncc3, shift3 = fine_level.shifted(mats)
-        best = {f: (a, d + shift3[i], float(ncc3[i])) for i, (f, (a, d, _)) in enumerate(best.items())}
+        refined = [(a, f, d + shift3[i], float(ncc3[i])) for i, (a, f, d, _) in enumerate(refined)]
+    best: dict[bool, tuple[float, np.ndarray, float]] = {}
+    for a, f, d, v in refined:
+        if f not in best or v > best[f][2]:
+            best[f] = (a, d, v)
     flipped = len(flips) == 2 and best[True][2] > best[False][2] + params.flip_margin
     angle, shift_w, ncc_after = best[flipped]
     matrix = geometry.translation(*shift_w) @ candidate_matrices(angle, flipped, c_src, c_tgt)[0]
@@ -593,6 +613,8 @@ def rotation_search(
         "ncc_after": float(ncc_after),
         "ncc_flipped": float(best[True][2]) if True in best else None,
         "ncc_unflipped": float(best[False][2]),
+        "rotation_coarse_s": t1 - t0,
+        "rotation_refine_s": time.perf_counter() - t1,
     }
     return matrix, info
 
@@ -608,7 +630,8 @@ def _warp_moving(rgb: np.ndarray, mask: np.ndarray, matrix: np.ndarray, shape: t
     rgba = cv2.merge([*cv2.split(rgb), mask.view(np.uint8) * np.uint8(255)])
     border = tuple(int(round(v)) for v in glass) + (0,)
     out = cv2.warpAffine(rgba, matrix[:2], (w, h), flags=cv2.INTER_LINEAR, borderValue=border)
-    return view_from(np.ascontiguousarray(out[..., :3]), out[..., 3] > 127, _glass_level(glass, params), params)
+    moved_mask = cv2.threshold(cv2.extractChannel(out, 3), 127, 1, cv2.THRESH_BINARY)[1].view(bool)
+    return view_from(cv2.cvtColor(out, cv2.COLOR_RGBA2RGB), moved_mask, _glass_level(glass, params), params)
 
 
 def view_from(rgb: np.ndarray, mask: np.ndarray, glass_level: float, params: PreprocessParams) -> ImageView:
