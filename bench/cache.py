@@ -117,7 +117,7 @@ class PreprocessCache:
             with np.load(npz) as data:
                 arrays = {k: data[k] for k in data.files}
             return _unpack(meta, arrays, params)
-        except (OSError, ValueError, KeyError, json.JSONDecodeError):
+        except Exception:  # noqa: BLE001 - a damaged entry (truncated zip, bad json...) is a miss
             npz.unlink(missing_ok=True)
             meta_path.unlink(missing_ok=True)
             return None
