@@ -105,10 +105,12 @@ def parse_size(text: str) -> tuple[int, int]:
     return h, w
 
 
-def read_landmarks(path: str | Path) -> np.ndarray:
+def read_landmarks(path: str | Path, *, allow_negative: bool = False) -> np.ndarray:
     """Read an ANHIR landmark CSV (header ``,X,Y``) as an ``(N, 2)`` float64 array of ``(x, y)``.
 
-    Raises :class:`LandmarkError` with a one-line message naming the file and the fault.
+    Raises :class:`LandmarkError` with a one-line message naming the file and the fault. Annotated
+    landmarks lie inside their image, so negative coordinates are an error unless ``allow_negative``
+    (warped landmarks may legitimately fall outside the target after a poor registration).
     """
     path = Path(path)
     try:
@@ -133,7 +135,7 @@ def read_landmarks(path: str | Path) -> np.ndarray:
             raise LandmarkError(f"{path}: line {line_no}: cannot read coordinates from {row!r}") from None
         if not (math.isfinite(x) and math.isfinite(y)):
             raise LandmarkError(f"{path}: line {line_no}: non-finite coordinate ({x}, {y})")
-        if x < 0 or y < 0:
+        if (x < 0 or y < 0) and not allow_negative:
             raise LandmarkError(f"{path}: line {line_no}: negative coordinate ({x}, {y})")
         pts.append((x, y))
     if not pts:

@@ -79,3 +79,11 @@ def test_bad_landmark_files_name_file_and_problem(tmp_path: Path, content: str, 
     with pytest.raises(LandmarkError, match=message) as err:
         read_landmarks(f)
     assert str(f) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_warped_landmarks_may_be_negative(tmp_path: Path):
+    f = tmp_path / "warped.csv"
+    write_landmarks(f, np.array([[-3.0, 4.0]]))
+    with pytest.raises(LandmarkError, match="negative"):
+        read_landmarks(f)
+    np.testing.assert_array_equal(read_landmarks(f, allow_negative=True), [[-3.0, 4.0]])

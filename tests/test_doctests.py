@@ -5,7 +5,8 @@ import importlib
 
 import pytest
 
-MODULES = ["bench.geometry", "bench.metrics", "bench.datasets.anhir", "bench.method"]
+MODULES = ["bench.geometry", "bench.metrics", "bench.datasets.anhir", "bench.method", "bench.report.tables",
+           "bench.report.stats"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -266,11 +266,9 @@ def read_points(path: Path) -> np.ndarray | None:
     poor registration, so only finiteness is required.
     """
     try:
-        table = pd.read_csv(path)
-        pts = table[["X", "Y"]].to_numpy(dtype=float)
-    except (OSError, ValueError, KeyError, pd.errors.ParserError, pd.errors.EmptyDataError):
+        return read_landmarks(path, allow_negative=True)
+    except LandmarkError:
         return None
-    return pts if len(pts) and np.all(np.isfinite(pts)) else None
 
 
 def landmark_errors(runs: list[Run], df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
