@@ -211,6 +211,8 @@ def load_runs(paths: list[str | Path]) -> tuple[list[Run], pd.DataFrame]:
     for run in runs:
         df = run.results.copy()
         df["run"] = run.name
+        # machine-normalised time: method time / the run's fixed reference workload time (BIRL's idea)
+        df["reference_time_s"] = float(run.manifest.get("reference_time_s") or np.nan)
         digest = str((run.manifest.get("dataset") or {}).get("sha256") or run.name)[:12]
         df["pair_key"] = digest + ":" + df["pair_id"].astype(str)
         status = _pair_status(run)

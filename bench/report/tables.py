@@ -9,6 +9,8 @@ Definitions (over the rows of one method label, i.e. one (method, device) of one
 * ``average_max_rtre``: mean over scored pairs of the per-pair max rTRE ("Average-Max rTRE");
 * ``mean_time_ms``: mean method time ``time_s`` in ms over rows with a time, timeouts left out (their
   time is the limit, not the method's);
+* ``mean_time_ref``: the same mean of ``time_s / reference_time_s``, where ``reference_time_s`` is the
+  run's fixed reference workload timed on its machine (``run.json``): a machine-normalised time;
 * ``success_rate_pct``: 100 x (rows with ``success`` True) / evaluable rows (scored rows plus failed and
   timed-out rows; ``unscored`` rows, which have no ground truth, are left out);
 * ``robustness_mean``: mean over scored pairs of ``robustness``.
@@ -26,7 +28,7 @@ import pandas as pd
 from bench.report.load import FAILURE_STATUSES
 
 NUMBER_COLUMNS = (
-    "median_rtre", "average_rtre", "average_max_rtre", "mean_time_ms", "success_rate_pct",
+    "median_rtre", "average_rtre", "average_max_rtre", "mean_time_ms", "mean_time_ref", "success_rate_pct",
     "robustness_mean", "pairs_scored", "failures", "n", "median_a", "median_b", "median_difference",
     "a_better_pct", "statistic", "p_value", "p_holm", "n_evaluable", "success_ci_low_pct",
     "success_ci_high_pct", "n_scored", "median_rtre_ci_low", "median_rtre_ci_high", "ok", "failed",
@@ -42,6 +44,7 @@ DISPLAY = {
     "average_rtre": "Average rTRE",
     "average_max_rtre": "Avg max rTRE",
     "mean_time_ms": "Time [ms]",
+    "mean_time_ref": "Time [× ref]",
     "success_rate_pct": "Success [%]",
     "robustness_mean": "Robustness",
     "pairs_scored": "Pairs scored",
@@ -68,7 +71,7 @@ DISPLAY = {
 }
 SIGNIFICANT = ("p_value", "p_holm")
 DECIMALS = {
-    "median_rtre": 4, "average_rtre": 4, "average_max_rtre": 4, "mean_time_ms": 2,
+    "median_rtre": 4, "average_rtre": 4, "average_max_rtre": 4, "mean_time_ms": 2, "mean_time_ref": 3,
     "success_rate_pct": 2, "robustness_mean": 3, "median_a": 4, "median_b": 4, "median_difference": 4,
     "a_better_pct": 1, "statistic": 1, "success_ci_low_pct": 2, "success_ci_high_pct": 2,
     "median_rtre_ci_low": 4, "median_rtre_ci_high": 4,
@@ -93,6 +96,7 @@ def summarise_rows(rows: pd.DataFrame) -> dict[str, float | int]:
         "average_rtre": stat(np.mean, scored["rtre_median"]),
         "average_max_rtre": stat(np.mean, scored["rtre_max"]),
         "mean_time_ms": stat(np.mean, times * 1000.0),
+        "mean_time_ref": stat(np.mean, times / rows.loc[times.index, "reference_time_s"]),
         "success_rate_pct": stat(np.mean, evaluable["success"].astype(float)) * 100.0,
         "robustness_mean": stat(np.mean, scored["robustness"]),
     }
