@@ -85,6 +85,7 @@ class PreprocessParams:
     refine_candidates: int = 2  # coarse local maxima refined, per mirror state
     translation_search: bool = True  # best shift of each candidate angle (FFT), not only the centres
     max_shift: float = 0.25  # largest shift searched, fraction of the longer side
+    scale_hint: bool = True  # also search at the tissue areas' scale ratio (the result stays rigid)
     flip_test: bool = False  # also search the mirrored source (doubles the search; off for speed)
     flip_margin: float = 0.1  # NCC margin by which the mirrored source must win
 
@@ -356,13 +357,13 @@ def _linear(angle_deg: np.ndarray, flipped: np.ndarray) -> np.ndarray:
     return m
 
 
-def candidate_matrices(angle_deg, flipped, c_src, c_tgt) -> np.ndarray:
-    """``(N, 3, 3)`` source -> target maps: move ``c_src`` onto ``c_tgt``, mirror, rotate about it.
+def candidate_matrices(angle_deg, flipped, c_src, c_tgt, scale: float = 1.0) -> np.ndarray:
+    """``(N, 3, 3)`` source -> target maps: move ``c_src`` onto ``c_tgt``, mirror, rotate (and scale) about it.
 
-    ``T = translation(c_tgt) . rotation(angle) . mirror . translation(-c_src)``.
+    ``T = translation(c_tgt) . scaling(scale) . rotation(angle) . mirror . translation(-c_src)``.
     """
     lin = _linear(np.atleast_1d(angle_deg), np.broadcast_to(flipped, np.atleast_1d(angle_deg).shape))
-    return geometry.translation(*c_tgt) @ lin @ geometry.translation(-c_src[0], -c_src[1])
+    return geometry.translation(*c_tgt) @ geometry.scaling(scale) @ lin @ geometry.translation(-c_src[0], -c_src[1])
 
 
 def warp_batch(source: np.ndarray, shape: tuple[int, int], matrices: np.ndarray) -> np.ndarray:
@@ -537,6 +538,7 @@ def rotation_search(
     c_src: tuple[float, float],
     c_tgt: tuple[float, float],
     params: PreprocessParams | None = None,
+    scale_hint: float | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Initial rotation: ``c_src`` onto ``c_tgt``, then the full circle of angles by global NCC.
 
@@ -550,69 +552,80 @@ def rotation_search(
     3. with ``translation_search``, each candidate's shift again at ``refine_size``; the best candidate
        of each mirror state wins.
 
+    ``scale_hint`` (target / source size of the tissue, e.g. from the masks' areas): when it differs from
+    1 by more than 5 %, every step also runs with the source scaled by it, and the better NCC wins. The
+    scale only steadies the search: the returned matrix is rigid (mirror aside), as in the paper.
     The mirrored source is kept only when its NCC beats the unmirrored one by ``flip_margin``.
 
     Parameters
     ----------
     source, target : (Hs, Ws), (Ht, Wt) float32 working-frame images (masked, tissue bright)
     c_src, c_tgt : (x, y) tissue centres in each image
+    scale_hint : optional relative scale to search at besides 1
 
     Returns
     -------
     matrix : (3, 3) source -> target in the working frame
-    info : angle_deg, flipped, shift (working px, after the centre move), ncc_before (identity),
-        ncc_com (centres only), ncc_after, ncc_flipped / ncc_unflipped (best of each mirror state)
+    info : angle_deg, flipped, shift (working px, after the centre move), search_scale, ncc_before
+        (identity), ncc_com (centres only), ncc_after, ncc_flipped / ncc_unflipped (best of each
+        mirror state), rotation_coarse_s / rotation_refine_s
     """
     params = params or PreprocessParams()
     rotate, shifts = params.rotation, params.translation_search
     step, fine = params.angle_step_deg, min(params.refine_step_deg, params.angle_step_deg)
-    flips = (False, True) if params.flip_test and rotate else (False,)
+    scales = [1.0]
+    if scale_hint is not None and rotate and abs(np.log(scale_hint)) > np.log(1.05):
+        scales.append(float(scale_hint))
+    states = [(f, sc) for f in ((False, True) if params.flip_test and rotate else (False,)) for sc in scales]
     coarse = np.arange(0.0, 360.0, step) if rotate else np.zeros(1)
     t0 = time.perf_counter()
-    # 1. coarse, both mirror states in one batch
+    # 1. coarse, every (mirror, scale) state in one batch
     fine_level = _Level(source, target, params.refine_size, params)
     level = _Level(source, target, params.rotation_size, params, finer=fine_level)
-    mats = candidate_matrices(np.tile(coarse, len(flips)), np.repeat(flips, len(coarse)), c_src, c_tgt)
+    mats = np.concatenate([candidate_matrices(coarse, f, c_src, c_tgt, sc) for f, sc in states])
     ncc, shift = level.shifted(mats) if shifts else (level.ncc(mats), np.zeros((len(mats), 2)))
-    ncc, shift = ncc.reshape(len(flips), -1), shift.reshape(len(flips), len(coarse), 2)
+    ncc, shift = ncc.reshape(len(states), -1), shift.reshape(len(states), len(coarse), 2)
     t1 = time.perf_counter()
     k = params.refine_candidates if rotate and params.refine else 1
-    cands = [(float(coarse[j]), f, shift[i, j]) for i, f in enumerate(flips) for j in _local_maxima(ncc[i], k)]
+    cands = [(float(coarse[j]), f, sc, shift[i, j]) for i, (f, sc) in enumerate(states)
+             for j in _local_maxima(ncc[i], k)]
     # 2. refine every candidate's angle (its coarse shift applied), one batch
     offsets = np.arange(-step, step + fine / 2, fine) if rotate and params.refine else np.zeros(1)
     record = [np.eye(3), candidate_matrices(0.0, False, c_src, c_tgt)[0]]  # identity, centres only
-    mats = np.concatenate([geometry.translation(*d) @ candidate_matrices(a + offsets, f, c_src, c_tgt)
-                           for a, f, d in cands] + [np.stack(record)])
+    mats = np.concatenate([geometry.translation(*d) @ candidate_matrices(a + offsets, f, c_src, c_tgt, sc)
+                           for a, f, sc, d in cands] + [np.stack(record)])
     ncc2 = fine_level.ncc(mats)
     n_off = len(offsets)
-    refined = []  # (angle, flipped, shift, ncc) of each candidate
-    for i, (a, f, d) in enumerate(cands):
+    refined = []  # (angle, flipped, scale, shift, ncc) of each candidate
+    for i, (a, f, sc, d) in enumerate(cands):
         vals = ncc2[i * n_off: (i + 1) * n_off]
         j = int(np.argmax(vals))
         angle = a + offsets[j] + (_parabola_peak(vals, j) * fine if n_off > 1 else 0.0)
-        refined.append(((angle + 180.0) % 360.0 - 180.0, f, d, float(vals[j])))
+        refined.append(((angle + 180.0) % 360.0 - 180.0, f, sc, d, float(vals[j])))
     # 3. every candidate's shift again at the finer size, so candidates compare at their best
     if shifts:
-        mats = np.stack([geometry.translation(*d) @ candidate_matrices(a, f, c_src, c_tgt)[0]
-                         for a, f, d, _ in refined])
+        mats = np.stack([geometry.translation(*d) @ candidate_matrices(a, f, c_src, c_tgt, sc)[0]
+                         for a, f, sc, d, _ in refined])
         ncc3, shift3 = fine_level.shifted(mats)
-        refined = [(a, f, d + shift3[i], float(ncc3[i])) for i, (a, f, d, _) in enumerate(refined)]
-    best: dict[bool, tuple[float, np.ndarray, float]] = {}
-    for a, f, d, v in refined:
-        if f not in best or v > best[f][2]:
-            best[f] = (a, d, v)
-    flipped = len(flips) == 2 and best[True][2] > best[False][2] + params.flip_margin
-    angle, shift_w, ncc_after = best[flipped]
+        refined = [(a, f, sc, d + shift3[i], float(ncc3[i])) for i, (a, f, sc, d, _) in enumerate(refined)]
+    best: dict[bool, tuple[float, float, np.ndarray, float]] = {}
+    for a, f, sc, d, v in refined:
+        if f not in best or v > best[f][3]:
+            best[f] = (a, sc, d, v)
+    flipped = True in best and best[True][3] > best[False][3] + params.flip_margin
+    angle, scale, shift_w, ncc_after = best[flipped]
+    # rigid result: the search scale is dropped about the matched point, which stays where it was put
     matrix = geometry.translation(*shift_w) @ candidate_matrices(angle, flipped, c_src, c_tgt)[0]
     info = {
         "angle_deg": float(angle),
         "flipped": bool(flipped),
         "shift": [float(v) for v in shift_w],
+        "search_scale": float(scale),
         "ncc_before": float(ncc2[-2]),
         "ncc_com": float(ncc2[-1]),
         "ncc_after": float(ncc_after),
-        "ncc_flipped": float(best[True][2]) if True in best else None,
-        "ncc_unflipped": float(best[False][2]),
+        "ncc_flipped": float(best[True][3]) if True in best else None,
+        "ncc_unflipped": float(best[False][3]),
         "rotation_coarse_s": t1 - t0,
         "rotation_refine_s": time.perf_counter() - t1,
     }
@@ -718,7 +731,11 @@ def prepare_pair(
         views.append(view_from(x.rgb, m, _glass_level(info["glass"], params), params))
     t_mask = time.perf_counter()
     c_src, c_tgt = infos[0]["centre"], infos[1]["centre"]
-    pre, rot = rotation_search(views[0].image, views[1].image, c_src, c_tgt, params)
+    hint = None
+    if params.scale_hint and not (infos[0]["fallback"] or infos[1]["fallback"]):
+        areas = [masks[i].size * infos[i]["coverage"] for i in (0, 1)]
+        hint = float(np.clip(np.sqrt(areas[1] / max(areas[0], 1.0)), 0.8, 1.25))
+    pre, rot = rotation_search(views[0].image, views[1].image, c_src, c_tgt, params, scale_hint=hint)
     t_rot = time.perf_counter()
     moving = _warp_moving(src.rgb, masks[0], pre, tgt.rgb.shape[:2], infos[0]["glass"], params)
     fixed = views[1]
