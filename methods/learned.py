@@ -31,6 +31,7 @@ class LearnedParams:
     weights: str = ""  # path to a weight file; "" = the shipped compact weights
     input_size: int = 0  # longer side of the network input in pixels; 0 = as trained (from the file)
     config: str = ""  # expected architecture ("paper", "compact"); "" = accept the file's
+    passes: int = 1  # forward passes; each one after the first refines the previous warp (1 = the paper)
 
 
 @register
@@ -60,10 +61,7 @@ class Learned(Method):
             torch.use_deterministic_algorithms(True, warn_only=True)
 
     def estimate(self, fixed: ImageView, moving: ImageView, context: Context) -> Estimate:
-        import torch
-
         from bench.learning.data import common_canvas, input_scales, resize
-        from bench.learning.model import theta_to_matrix
 
         if not hasattr(self, "_model"):
             self.prepare(context)
@@ -71,10 +69,7 @@ class Learned(Method):
         mv = resize(np.where(moving.mask, moving.image, 0.0), ms)
         fx = resize(np.where(fixed.mask, fixed.image, 0.0), fs)
         mv, fx = common_canvas(mv, fx)  # bottom/right zero padding: pixel coordinates unchanged
-        with torch.inference_mode():
-            to = lambda a: torch.from_numpy(np.ascontiguousarray(a, np.float32))[None, None].to(self._device)  # noqa: E731
-            theta = self._model(to(mv), to(fx))[0].double().cpu().numpy()
-        net = theta_to_matrix(theta, mv.shape, fx.shape)
+        net, theta = self._predict(mv, fx)
         r_m = resample_matrix(ms[1] / moving.shape[1], ms[0] / moving.shape[0])
         r_f = resample_matrix(fs[1] / fixed.shape[1], fs[0] / fixed.shape[0])
         matrix = np.linalg.inv(r_f) @ net @ r_m
@@ -86,5 +81,23 @@ class Learned(Method):
             "input_shape_moving": list(ms),
             "input_shape_fixed": list(fs),
             "theta": np.round(theta, 6).tolist(),
+            "passes": self.params.passes,
             "weights": Path(self._weights).name,
         })
+
+    def _predict(self, moving: np.ndarray, fixed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Pixel matrix (3x3, moving -> fixed) on one common ``(H, W)`` canvas, and the last ``theta``."""
+        import torch
+
+        from bench.learning.model import matrix_to_theta, theta_to_matrix, warp
+
+        shape = fixed.shape
+        to = lambda a: torch.from_numpy(np.ascontiguousarray(a, np.float32))[None, None].to(self._device)  # noqa: E731
+        mv, fx = to(moving), to(fixed)
+        total = np.eye(3)
+        with torch.inference_mode():
+            for k in range(max(1, self.params.passes)):
+                current = mv if k == 0 else warp(mv, to(matrix_to_theta(total, shape, shape))[0], shape)
+                theta = self._model(current, fx)[0].double().cpu().numpy()
+                total = theta_to_matrix(theta, shape, shape) @ total
+        return total, theta

@@ -15,6 +15,7 @@ metadata), copied to ``--weights-out`` when given.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -50,7 +51,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--lr", type=float, default=1e-4)
     g.add_argument("--decay", type=float, default=0.995, help="learning-rate factor per epoch")
     g.add_argument("--loss", choices=["ncc", "relative"], default="ncc")
+    g.add_argument("--loss-pool", type=int, default=1, help="average-pool factor of the images for the loss")
     g.add_argument("--max-rotation", type=float, default=15.0, help="augmentation rotation, degrees (+-)")
+    g.add_argument("--scale-range", type=float, nargs=2, default=(0.9, 1.15), help="augmentation scale range")
+    g.add_argument("--max-shear", type=float, default=0.08, help="augmentation shear (+-)")
+    g.add_argument("--max-translation", type=float, default=0.08, help="augmentation shift, x longer side (+-)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     g = parser.add_argument_group("output")
@@ -66,9 +71,16 @@ def ncc(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return (a * b).sum() / (torch.sqrt((a * a).sum() * (b * b).sum()) + eps)
 
 
-def pair_loss(model: torch.nn.Module, moving: torch.Tensor, fixed: torch.Tensor, kind: str = "ncc"):
-    """Loss for one pair on one common canvas (``(1, 1, H, W)`` each) and the predicted ``theta`` ``(1, 2, 3)``."""
+def pair_loss(model: torch.nn.Module, moving: torch.Tensor, fixed: torch.Tensor, kind: str = "ncc",
+              pool: int = 1):
+    """Loss for one pair on one common canvas (``(1, 1, H, W)`` each) and the predicted ``theta`` ``(1, 2, 3)``.
+
+    ``pool`` > 1 average-pools both images before the NCC (``theta`` is in normalised coordinates, so it
+    applies unchanged): a smoother similarity with a wider basin, hence steadier gradients.
+    """
     theta = model(moving, fixed)
+    if pool > 1:
+        moving, fixed = (torch.nn.functional.avg_pool2d(t, pool, ceil_mode=True) for t in (moving, fixed))
     loss = -ncc(warp(moving, theta, tuple(fixed.shape[-2:])), fixed)
     if kind == "relative":
         with torch.no_grad():
@@ -113,7 +125,7 @@ def train_epoch(model, opt, pairs, rng, args, aug, progress=None, task=None) -> 
     order = rng.permutation(len(pairs))
     for i, idx in enumerate(order):
         mv, fx, _ = D.to_tensors(pairs[idx], rng, aug)
-        loss, _ = pair_loss(model, mv.to(args.device), fx.to(args.device), args.loss)
+        loss, _ = pair_loss(model, mv.to(args.device), fx.to(args.device), args.loss, args.loss_pool)
         (loss / args.real_batch).backward()
         losses.append(float(loss.detach()))
         if (i + 1) % args.real_batch == 0 or i + 1 == len(order):
@@ -132,7 +144,7 @@ def evaluate(model, pairs, seed: int, args, aug) -> dict[str, float]:
     for k, pair in enumerate(pairs):
         rng = np.random.default_rng([seed, k])
         mv, fx, (a_m, a_f) = D.to_tensors(pair, rng, aug)
-        loss, theta = pair_loss(model, mv.to(args.device), fx.to(args.device), args.loss)
+        loss, theta = pair_loss(model, mv.to(args.device), fx.to(args.device), args.loss, args.loss_pool)
         losses.append(float(loss))
         if pair.moving_points is not None:
             from bench import geometry
@@ -177,6 +189,39 @@ def plot_history(history: list[dict[str, float]], path: Path) -> None:
     plt.close(fig)
 
 
+def model_card(model, meta: dict[str, Any], filename: str) -> str:
+    """Markdown model card for a weight file, from its metadata."""
+    d, f = meta["data"], meta["final"]
+    val = ", ".join(f"{k.removeprefix('val_')} {v:.4f}" for k, v in f.items() if k.startswith("val_"))
+    return "\n".join([
+        f"# Model card: `{filename}`",
+        "",
+        f"- **Architecture:** `{model.config.name}` configuration of the paper's patch-based affine network, "
+        f"{count_parameters(model):,} parameters; hyper-parameters stored in the file (`architecture`).",
+        f"- **Data:** {d['source']}" + (f" (generator version {d.get('generator_version')}, seeds "
+                                        f"{d['train_seeds'][0]}-{d['train_seeds'][1]}, target size {d['size']} px)"
+                                        if d["source"] == "generated" else f" ({d.get('table')}, training split)")
+        + f"; {d['n_train']} training pairs, {d['n_val']} validation pairs (generated, seeds "
+        f"{d['val_seeds'][0]}-{d['val_seeds'][1]}); shared preprocessing `{d['preprocess']}`, then resampled "
+        f"so the longer side is {d['input_size']} px. No ANHIR image was used.",
+        f"- **Training:** unsupervised, loss {meta['loss']} (negative global NCC), Adam lr {meta['lr']}, "
+        f"x{meta['decay']} per epoch, real batch {meta['real_batch']}, {meta['epochs']} epochs, seed {meta['seed']}, "
+        f"random affine augmentation of source and target ({meta['augment']}), loss images "
+        f"average-pooled x{meta['loss_pool']}; torch " + str(meta["torch"]) + ".",
+        f"- **Final losses:** training {f['train_loss']:.4f}; validation: {val} "
+        "(rTRE on augmented generated validation pairs: landmark error / image diagonal, network frame).",
+        f"- **Code:** git commit `{meta['git_commit']}`.",
+        f"- **Reproduce:** `{meta['command']}`",
+        f"- **Training curve:** `{Path(filename).with_suffix('.loss.png').name}`.",
+        "",
+    ])
+
+
+def augment_config(args: argparse.Namespace) -> D.AugmentConfig:
+    return D.AugmentConfig(max_rotation_deg=args.max_rotation, scale_range=tuple(args.scale_range),
+                           max_shear=args.max_shear, max_translation_frac=args.max_translation)
+
+
 def _git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -205,7 +250,7 @@ def run(args: argparse.Namespace) -> int:
     model = build_model(args.config).to(args.device)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=args.decay)
-    aug = D.AugmentConfig(max_rotation_deg=args.max_rotation)
+    aug = augment_config(args)
     history: list[dict[str, float]] = []
     start = 0
     ckpt_path = args.out / "checkpoint.pt"
@@ -249,7 +294,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _finish(model, history, info, args, console) -> None:
     meta = {"data": info, "epochs": args.epochs, "real_batch": args.real_batch, "lr": args.lr,
-            "decay": args.decay, "loss": args.loss, "seed": args.seed, "augment_max_rotation": args.max_rotation,
+            "decay": args.decay, "loss": args.loss, "loss_pool": args.loss_pool, "seed": args.seed, "augment": dataclasses.asdict(augment_config(args)),
             "final": history[-1], "git_commit": _git_commit(), "torch": str(torch.__version__),
             "command": "python -m bench " + " ".join(sys.argv[1:])}
     path = save_weights(model, args.out / "weights.pt", meta)
@@ -257,4 +302,7 @@ def _finish(model, history, info, args, console) -> None:
     if args.weights_out:
         args.weights_out.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, args.weights_out)
+        card = args.weights_out.parent / "MODEL_CARD.md"
+        card.write_text(model_card(model, meta, args.weights_out.name))
+        shutil.copyfile(args.out / "loss.png", args.weights_out.with_suffix(".loss.png"))
     console.print(f"weights: {path}" + (f" (copied to {args.weights_out})" if args.weights_out else ""))
