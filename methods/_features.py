@@ -29,7 +29,7 @@ _ESTIMATORS = {"magsac": cv2.USAC_MAGSAC, "ransac": cv2.RANSAC}
 class MatchParams:
     """Parameters shared by every feature-based method (matching, estimation, failure checks)."""
 
-    ratio: float = 0.8  # Lowe's ratio test: keep a match if d1 < ratio * d2
+    ratio: float = 0.9  # Lowe's ratio test among the gated candidates: keep a match if d1 < ratio * d2
     mutual: bool = False  # keep only mutual nearest neighbours as well
     estimator: Literal["magsac", "ransac"] = "magsac"
     reproj_threshold: float = 5.0  # inlier threshold, working-frame pixels
@@ -41,9 +41,13 @@ class MatchParams:
     min_scale: float = 0.5  # sqrt(|det A|) outside [min_scale, max_scale]: degenerate
     max_scale: float = 2.0
     max_anisotropy: float = 1.5  # ratio of the singular values of A above this: degenerate (shear)
+    blur: float = 1.5  # Gaussian sigma (pixels of the detection image) before detection; 0 = none
+    upright: bool = True  # no orientation assignment (the preprocessing already fixed the rotation)
     clahe_clip: float = 2.0  # CLAHE clip limit on the uint8 images before detection; 0 = off
     clahe_tiles: int = 8  # CLAHE tile grid (tiles x tiles)
     mask_dilation: int = 15  # tissue mask dilated by this many pixels for detection; -1 = no mask
+    gate: float = 0.1  # match only within gate x fixed diagonal of the pre-aligned position; 0 = anywhere
+    detect_size: int = 512  # shrink so the longer side is at most this before detection; 0 = as given
 
 
 def to_uint8(image: np.ndarray, clahe_clip: float = 0.0, clahe_tiles: int = 8) -> np.ndarray:
@@ -85,12 +89,82 @@ def detection_mask(mask: np.ndarray, dilation: int) -> np.ndarray | None:
     return m
 
 
-def prepare_image(view_image: np.ndarray, view_mask: np.ndarray, p: MatchParams) -> tuple[np.ndarray, np.ndarray | None]:
-    """The uint8 (H, W) image (CLAHE as configured) and the uint8 detection mask (or None) of one view."""
-    return to_uint8(view_image, p.clahe_clip, p.clahe_tiles), detection_mask(view_mask, p.mask_dilation)
+def detection_factor(shape: tuple[int, int], detect_size: int) -> float:
+    """Resampling factor that brings the longer side of ``shape`` down to ``detect_size`` (never up).
+
+    >>> detection_factor((1024, 800), 512), detection_factor((300, 400), 512), detection_factor((9, 9), 0)
+    (0.5, 1.0, 1.0)
+    """
+    return 1.0 if detect_size <= 0 else min(1.0, detect_size / max(shape))
 
 
-def match_descriptors(desc_moving: np.ndarray, desc_fixed: np.ndarray, ratio: float, mutual: bool) -> np.ndarray:
+def prepare_image(
+    view_image: np.ndarray, view_mask: np.ndarray, p: MatchParams, factor: float = 1.0
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The uint8 image (resampled by ``factor``, CLAHE as configured) and its uint8 detection mask or None.
+
+    Parameters
+    ----------
+    view_image : (H, W) float array in [0, 1]
+    view_mask : (H, W) bool array
+    p : MatchParams
+    factor : float
+        Resampling factor (then ``p.blur``, then CLAHE); area interpolation when shrinking); keypoints found at ``x`` lie at
+        ``(x + 0.5) / factor - 0.5`` in the view (:func:`to_view`).
+
+    Returns
+    -------
+    image : (h, w) uint8 array
+    mask : (h, w) uint8 array (0 / 255) or None
+    """
+    img = np.asarray(view_image, dtype=np.float32)
+    mask = np.asarray(view_mask, dtype=bool)
+    if factor != 1.0:
+        h, w = img.shape
+        size = (max(1, round(w * factor)), max(1, round(h * factor)))
+        interp = cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR
+        img = cv2.resize(img, size, interpolation=interp)
+        mask = cv2.resize(mask.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST) > 0
+    if p.blur > 0:
+        img = cv2.GaussianBlur(img, (0, 0), p.blur)
+    return to_uint8(img, p.clahe_clip, p.clahe_tiles), detection_mask(mask, p.mask_dilation)
+
+
+def to_view(points: np.ndarray, factor: float) -> np.ndarray:
+    """Map (N, 2) (x, y) points found in an image resampled by ``factor`` back to the view's pixels.
+
+    >>> to_view(np.array([[0.5, 1.5]]), 0.5).tolist()
+    [[1.5, 3.5]]
+    """
+    return (np.asarray(points, dtype=np.float64) + 0.5) / factor - 0.5
+
+
+def gate_mask(pts_moving: np.ndarray, pts_fixed: np.ndarray, radius: float) -> np.ndarray | None:
+    """Which (moving, fixed) keypoint pairs lie within ``radius`` pixels of each other, or None (no gate).
+
+    The shared preprocessing already put the moving image onto the fixed one (centres of mass, rotation),
+    so a correspondence is searched only near where that pre-alignment puts it.
+
+    Returns
+    -------
+    (N, M) uint8 array (1 = allowed) for ``radius > 0``, else None
+    """
+    if radius <= 0:
+        return None
+    out = np.empty((len(pts_moving), len(pts_fixed)), np.uint8)
+    for i in range(0, len(pts_moving), 512):  # in blocks: N x M float64 distances could be large
+        d2 = ((pts_moving[i : i + 512, None, :] - pts_fixed[None, :, :]) ** 2).sum(-1)
+        out[i : i + 512] = d2 <= radius * radius
+    return out
+
+
+def match_descriptors(
+    desc_moving: np.ndarray,
+    desc_fixed: np.ndarray,
+    ratio: float,
+    mutual: bool,
+    allowed: np.ndarray | None = None,
+) -> np.ndarray:
     """Ratio-test matches of moving descriptors to fixed ones.
 
     Parameters
@@ -98,9 +172,12 @@ def match_descriptors(desc_moving: np.ndarray, desc_fixed: np.ndarray, ratio: fl
     desc_moving : (N, D) float array
     desc_fixed : (M, D) float array
     ratio : float
-        Lowe's ratio: keep a match when its distance is below ``ratio`` times the second best.
+        Lowe's ratio: keep a match when its distance is below ``ratio`` times the second best (among the
+        allowed candidates; a single allowed candidate is kept only for ``ratio >= 1``).
     mutual : bool
-        Also require the fixed descriptor's nearest moving descriptor to be the same one.
+        Also require the fixed descriptor's nearest (allowed) moving descriptor to be the same one.
+    allowed : (N, M) uint8 array, optional
+        Candidate mask (:func:`gate_mask`); None allows every pair.
 
     Returns
     -------
@@ -111,14 +188,21 @@ def match_descriptors(desc_moving: np.ndarray, desc_fixed: np.ndarray, ratio: fl
     if len(dm) < 2 or len(df) < 2:
         return np.empty((0, 2), dtype=int)
     matcher = cv2.BFMatcher(cv2.NORM_L2)
-    pairs = [
-        (m.queryIdx, m.trainIdx)
-        for m, n in (k for k in matcher.knnMatch(dm, df, k=2) if len(k) == 2)
-        if m.distance < ratio * n.distance
-    ]
+    knn = matcher.knnMatch(dm, df, k=2, mask=allowed) if allowed is not None else matcher.knnMatch(dm, df, k=2)
+    pairs = []
+    for k in knn:
+        if len(k) == 2 and k[0].distance < ratio * k[1].distance:
+            pairs.append((k[0].queryIdx, k[0].trainIdx))
+        elif len(k) == 1 and ratio >= 1:
+            pairs.append((k[0].queryIdx, k[0].trainIdx))
     idx = np.array(pairs, dtype=int).reshape(-1, 2)
     if mutual and len(idx):
-        back = np.array([m[0].trainIdx for m in matcher.knnMatch(df, dm, k=1)])
+        mask_t = None if allowed is None else np.ascontiguousarray(allowed.T)
+        back_knn = matcher.knnMatch(df, dm, k=1, mask=mask_t) if mask_t is not None else matcher.knnMatch(df, dm, k=1)
+        back = np.full(len(df), -1)
+        for k in back_knn:
+            if k:
+                back[k[0].queryIdx] = k[0].trainIdx
         idx = idx[back[idx[:, 1]] == idx[:, 0]]
     return idx
 
@@ -187,6 +271,7 @@ def register_features(
     desc_fixed: np.ndarray,
     p: MatchParams,
     seed: int,
+    diagonal: float,
     extra: dict[str, Any] | None = None,
 ) -> Estimate:
     """Match, estimate and check: the whole feature-based registration after detection.
@@ -199,6 +284,8 @@ def register_features(
     desc_fixed : (M, D) descriptors
     p : MatchParams
     seed : int
+    diagonal : float
+        Diagonal of the fixed image, pixels (``p.gate`` is a fraction of it).
     extra : dict, optional
         Diagnostics to add (backend name ...); also attached to a failure's message.
 
@@ -215,7 +302,8 @@ def register_features(
     """
     diag: dict[str, Any] = dict(extra or {})
     diag.update(keypoints_moving=int(len(kp_moving)), keypoints_fixed=int(len(kp_fixed)))
-    idx = match_descriptors(desc_moving, desc_fixed, p.ratio, p.mutual)
+    allowed = gate_mask(np.asarray(kp_moving, float), np.asarray(kp_fixed, float), p.gate * diagonal)
+    idx = match_descriptors(desc_moving, desc_fixed, p.ratio, p.mutual, allowed)
     diag["matches"] = int(len(idx))
 
     def fail(reason: str) -> RegistrationFailed:

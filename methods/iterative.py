@@ -37,7 +37,7 @@ class IterativeParams:
     metric: Literal["mattes", "correlation"] = "mattes"
     histogram_bins: int = 32  # Mattes MI
     stages: Literal["affine", "similarity+affine"] = "similarity+affine"  # a similarity stage first
-    init: Literal["identity", "moments"] = "moments"  # moments: tissue centres of mass aligned first
+    init: Literal["identity", "moments"] = "identity"  # moments: mask centroids aligned first
     shrink_factors: tuple[int, ...] = (8, 4, 2, 1)
     smoothing_sigmas: tuple[float, ...] = (4.0, 2.0, 1.0, 0.0)  # pixels of the full-resolution image
     sampling: tuple[float, ...] = (1.0, 0.5, 0.2, 0.05)  # fraction of pixels sampled per level (seeded)
@@ -197,9 +197,9 @@ def _initial(p: IterativeParams, fixed: ImageView, moving: ImageView, kind: str)
     cf = tissue_centre(fixed.image, fixed.mask)
     tx = sitk.Similarity2DTransform() if kind == "similarity" else sitk.AffineTransform(2)
     tx.SetCenter(cf)
-    if p.init == "moments":
-        cm = tissue_centre(moving.image, moving.mask)
-        tx.SetTranslation((cm[0] - cf[0], cm[1] - cf[1]))
+    if p.init == "moments":  # the masks' centroids (intensity-weighted ones differ between stains)
+        (ym, xm), (yf, xf) = np.argwhere(moving.mask).mean(0), np.argwhere(fixed.mask).mean(0)
+        tx.SetTranslation((float(xm - xf), float(ym - yf)))
     return tx
 
 

@@ -10,7 +10,13 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
-from bench.methods._features import MatchParams, prepare_image, register_features
+from bench.methods._features import (
+    MatchParams,
+    detection_factor,
+    prepare_image,
+    register_features,
+    to_view,
+)
 
 from bench import Context, Estimate, ImageView, Method, RegistrationFailed, register
 
@@ -47,7 +53,18 @@ def detect_sift(image: np.ndarray, mask: np.ndarray | None, p: SiftParams) -> tu
         edgeThreshold=p.edge_threshold,
         sigma=p.sigma,
     )
-    kps, desc = sift.detectAndCompute(image, mask)
+    if p.upright:  # one keypoint per location, orientation 0 (OpenCV duplicates multi-orientation points)
+        kps = sift.detect(image, mask)
+        seen, upright = set(), []
+        for k in kps:
+            key = (round(k.pt[0], 2), round(k.pt[1], 2), round(k.size, 2))
+            if key not in seen:
+                seen.add(key)
+                k.angle = 0.0
+                upright.append(k)
+        kps, desc = sift.compute(image, upright) if upright else ((), None)
+    else:
+        kps, desc = sift.detectAndCompute(image, mask)
     if desc is None or not kps:
         return np.empty((0, 2)), np.empty((0, 128), np.float32)
     return np.array([k.pt for k in kps], dtype=np.float64), desc
@@ -65,10 +82,13 @@ class Sift(Method):
     def estimate(self, fixed: ImageView, moving: ImageView, context: Context) -> Estimate:
         p: SiftParams = self.params
         cv2.setRNGSeed(int(context.seed))
-        img_f, mask_f = prepare_image(fixed.image, fixed.mask, p)
-        img_m, mask_m = prepare_image(moving.image, moving.mask, p)
+        factor = detection_factor((*fixed.shape, *moving.shape), p.detect_size)  # one factor for both
+        img_f, mask_f = prepare_image(fixed.image, fixed.mask, p, factor)
+        img_m, mask_m = prepare_image(moving.image, moving.mask, p, factor)
         kp_f, desc_f = detect_sift(img_f, mask_f, p)
         kp_m, desc_m = detect_sift(img_m, mask_m, p)
+        kp_f, kp_m = to_view(kp_f, factor), to_view(kp_m, factor)
         if len(kp_f) < 3 or len(kp_m) < 3:
             raise RegistrationFailed(f"too few SIFT keypoints (fixed {len(kp_f)}, moving {len(kp_m)})")
-        return register_features(kp_m, desc_m, kp_f, desc_f, p, context.seed, extra={"backend": "opencv-sift"})
+        diagonal = float(np.hypot(*fixed.shape))
+        return register_features(kp_m, desc_m, kp_f, desc_f, p, context.seed, diagonal, extra={"backend": "opencv-sift"})

@@ -15,7 +15,13 @@ from typing import Literal
 
 import cv2
 import numpy as np
-from bench.methods._features import MatchParams, prepare_image, register_features
+from bench.methods._features import (
+    MatchParams,
+    detection_factor,
+    prepare_image,
+    register_features,
+    to_view,
+)
 
 from bench import Context, Estimate, ImageView, Method, RegistrationFailed, register
 
@@ -58,7 +64,10 @@ def _in_mask(points: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
 def detect_surf_opencv(image: np.ndarray, mask: np.ndarray | None, p: SurfParams) -> tuple[np.ndarray, np.ndarray]:
     """OpenCV SURF keypoints (N, 2) as (x, y) and 64-D descriptors (N, 64) of a (H, W) uint8 image."""
     surf = cv2.xfeatures2d.SURF_create(
-        hessianThreshold=p.hessian_threshold, nOctaves=p.n_octaves, nOctaveLayers=max(1, p.n_scales - 2)
+        hessianThreshold=p.hessian_threshold,
+        nOctaves=p.n_octaves,
+        nOctaveLayers=max(1, p.n_scales - 2),
+        upright=p.upright,
     )
     kps, desc = surf.detectAndCompute(image, mask)
     if desc is None or not kps:
@@ -72,6 +81,7 @@ def detect_surf_mahotas(image: np.ndarray, mask: np.ndarray | None, p: SurfParam
 
     mahotas returns rows ``(y, x, scale, score, laplacian, angle, d0..d63)``; points outside the mask are
     dropped (mahotas has no detection mask; the background is flat, so it yields few points anyway).
+    mahotas always assigns an orientation: ``p.upright`` has no effect on this backend.
     """
     import mahotas.features.surf as msurf
 
@@ -121,10 +131,14 @@ class Surf(Method):
         cv2.setRNGSeed(int(context.seed))
         backend = self.backend()
         detect = detect_surf_opencv if backend == "opencv" else detect_surf_mahotas
-        img_f, mask_f = prepare_image(fixed.image, fixed.mask, p)
-        img_m, mask_m = prepare_image(moving.image, moving.mask, p)
+        factor = detection_factor((*fixed.shape, *moving.shape), p.detect_size)  # one factor for both
+        img_f, mask_f = prepare_image(fixed.image, fixed.mask, p, factor)
+        img_m, mask_m = prepare_image(moving.image, moving.mask, p, factor)
         kp_f, desc_f = detect(img_f, mask_f, p)
         kp_m, desc_m = detect(img_m, mask_m, p)
+        kp_f, kp_m = to_view(kp_f, factor), to_view(kp_m, factor)
         if len(kp_f) < 3 or len(kp_m) < 3:
             raise RegistrationFailed(f"too few SURF keypoints (fixed {len(kp_f)}, moving {len(kp_m)}; {backend})")
-        return register_features(kp_m, desc_m, kp_f, desc_f, p, context.seed, extra={"backend": backend})
+        diagonal = float(np.hypot(*fixed.shape))
+        extra = {"backend": backend, "upright": bool(p.upright and backend == "opencv")}
+        return register_features(kp_m, desc_m, kp_f, desc_f, p, context.seed, diagonal, extra=extra)
