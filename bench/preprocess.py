@@ -80,7 +80,7 @@ class PreprocessParams:
     rotation_size: int = 64  # longer side of the images for the coarse search, pixels
     angle_step_deg: float = 5.0  # coarse angle step over the full circle
     refine: bool = True  # refine around the best coarse angles
-    refine_size: int = 128  # longer side of the images for the refinement, pixels
+    refine_size: int = 96  # longer side of the images for the refinement, pixels
     refine_step_deg: float = 1.0  # fine angle step (then a parabola through the peak)
     refine_candidates: int = 2  # coarse local maxima refined, per mirror state
     translation_search: bool = True  # best shift of each candidate angle (FFT), not only the centres
@@ -189,6 +189,25 @@ def gray_inverted(rgb: np.ndarray, sigma: float = 0.0, mask: np.ndarray | None =
     return out
 
 
+_ALLOCATOR_PRIMED = False
+
+
+def _prime_allocator() -> None:
+    """Once per process: let glibc keep freed large blocks instead of unmapping them after every use.
+
+    glibc serves blocks above its mmap threshold (128 KiB at start) by mmap and returns them on free, so
+    every large temporary of the rotation search page-faults afresh; on this project's virtual machines
+    that cost about as much as the arithmetic. Freeing one mmapped block just under 32 MiB raises the
+    dynamic threshold to that size (glibc's documented behaviour, M_MMAP_THRESHOLD), after which such
+    temporaries are recycled from the heap. Memory is never touched; elsewhere this is a no-op.
+    """
+    global _ALLOCATOR_PRIMED
+    if not _ALLOCATOR_PRIMED:
+        _ALLOCATOR_PRIMED = True
+        block = np.empty((32 << 20) - (64 << 10), np.uint8)
+        del block
+
+
 def _load_pair(source: Path, target: Path, params: PreprocessParams) -> tuple[LoadedImage, LoadedImage, float]:
     shapes = read_size(source), read_size(target)
     factor = pair_factor(shapes[0], shapes[1], params)
@@ -232,14 +251,22 @@ def texture_energy(signal: np.ndarray, sigma: float, energy_sigma: float) -> np.
     return cv2.GaussianBlur(energy, (0, 0), energy_sigma) if energy_sigma > 0 else energy
 
 
-def _otsu_log(energy: np.ndarray) -> float:
-    """Otsu threshold of ``log(energy)``, returned in energy units."""
-    log = np.log(np.maximum(energy, 1e-6))
+def _otsu_log(energy: np.ndarray, flat: float = 1e-4) -> float:
+    """Otsu threshold of ``log(energy)``, returned in energy units.
+
+    Pixels below ``flat`` (exactly uniform areas: scanner padding, saturated white) are left out of the
+    histogram: they are background anyway, and a spike of them would pull the threshold between
+    "flat" and "glass with noise" instead of between glass and tissue.
+    """
+    values = energy[energy > flat]
+    if values.size < 16:
+        return float(flat)
+    log = np.log(values)
     lo, hi = float(log.min()), float(log.max())
     if hi - lo < 1e-6:
         return float(np.exp(hi))
     u8 = ((log - lo) * (255.0 / (hi - lo))).astype(np.uint8)
-    t, _ = cv2.threshold(u8, 0, 255, cv2.THRESH_BINARY | cv2.THRESH_OTSU)
+    t, _ = cv2.threshold(u8[None, :], 0, 255, cv2.THRESH_BINARY | cv2.THRESH_OTSU)
     return float(np.exp(lo + (t + 0.5) * (hi - lo) / 255.0))
 
 
@@ -496,12 +523,24 @@ def _parabola_peak(values: np.ndarray, i: int) -> float:
 
 
 def _reduce(image: np.ndarray, r: float) -> tuple[np.ndarray, np.ndarray]:
-    """Image resized by ``r`` (INTER_AREA) and its exact (3, 3) resample matrix."""
+    """Image resized by about ``r`` and its exact (3, 3) resample matrix (original px -> reduced px).
+
+    Halvings by ``cv2.pyrDown`` (Gaussian, fast; pixel ``i`` sits at ``2 i``) while more than 2x too
+    large, then ``cv2.INTER_AREA`` the rest of the way (pixel-centre convention).
+    """
     if r >= 1:
         return image, np.eye(3)
     h, w = image.shape[:2]
     nw, nh = target_size((h, w), r)
-    return cv2.resize(image, (nw, nh), interpolation=cv2.INTER_AREA), geometry.resample_matrix(nw / w, nh / h)
+    matrix = np.eye(3)
+    while image.shape[1] >= 2 * nw and image.shape[0] >= 2 * nh:
+        image = cv2.pyrDown(image)
+        matrix = geometry.scaling(0.5) @ matrix
+    ih, iw = image.shape[:2]
+    if (iw, ih) != (nw, nh):
+        image = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_AREA)
+        matrix = geometry.resample_matrix(nw / iw, nh / ih) @ matrix
+    return image, matrix
 
 
 class _Level:
@@ -547,8 +586,8 @@ def rotation_search(
        the shift that maximises its NCC (one batched FFT cross-correlation, shifts up to ``max_shift`` of
        the side): a centre of mass is only as good as the masks, and tissue that fills the frame has none;
     2. refine: around the ``refine_candidates`` best local maxima of each mirror state, every
-       ``refine_step_deg`` within one coarse step at ``refine_size`` (shift kept), one batch; a parabola
-       through the peak gives the angle;
+       ``refine_step_deg`` within half a coarse step (plus one fine step) at ``refine_size`` (shift
+       kept), one batch; a parabola through the peak gives the angle;
     3. with ``translation_search``, each candidate's shift again at ``refine_size``; the best candidate
        of each mirror state wins.
 
@@ -590,7 +629,8 @@ def rotation_search(
     cands = [(float(coarse[j]), f, sc, shift[i, j]) for i, (f, sc) in enumerate(states)
              for j in _local_maxima(ncc[i], k)]
     # 2. refine every candidate's angle (its coarse shift applied), one batch
-    offsets = np.arange(-step, step + fine / 2, fine) if rotate and params.refine else np.zeros(1)
+    reach = fine * np.ceil((step / 2 + fine) / fine)  # the peak lies within half a coarse step
+    offsets = np.arange(-reach, reach + fine / 2, fine) if rotate and params.refine else np.zeros(1)
     record = [np.eye(3), candidate_matrices(0.0, False, c_src, c_tgt)[0]]  # identity, centres only
     mats = np.concatenate([geometry.translation(*d) @ candidate_matrices(a + offsets, f, c_src, c_tgt, sc)
                            for a, f, sc, d in cands] + [np.stack(record)])
@@ -638,13 +678,12 @@ def rotation_search(
 
 def _warp_moving(rgb: np.ndarray, mask: np.ndarray, matrix: np.ndarray, shape: tuple[int, int],
                  glass: tuple[float, float, float], params: PreprocessParams) -> ImageView:
-    """The moving view in the target's frame: RGB and mask warped together (one RGBA warp)."""
+    """The moving view in the target's frame: colour (bilinear, glass outside) and mask (nearest)."""
     h, w = shape
-    rgba = cv2.merge([*cv2.split(rgb), mask.view(np.uint8) * np.uint8(255)])
-    border = tuple(int(round(v)) for v in glass) + (0,)
-    out = cv2.warpAffine(rgba, matrix[:2], (w, h), flags=cv2.INTER_LINEAR, borderValue=border)
-    moved_mask = cv2.threshold(cv2.extractChannel(out, 3), 127, 1, cv2.THRESH_BINARY)[1].view(bool)
-    return view_from(cv2.cvtColor(out, cv2.COLOR_RGBA2RGB), moved_mask, _glass_level(glass, params), params)
+    border = tuple(int(round(v)) for v in glass)
+    moved_rgb = cv2.warpAffine(rgb, matrix[:2], (w, h), flags=cv2.INTER_LINEAR, borderValue=border)
+    moved_mask = cv2.warpAffine(mask.view(np.uint8), matrix[:2], (w, h), flags=cv2.INTER_NEAREST, borderValue=0)
+    return view_from(moved_rgb, moved_mask.view(bool), _glass_level(glass, params), params)
 
 
 def view_from(rgb: np.ndarray, mask: np.ndarray, glass_level: float, params: PreprocessParams) -> ImageView:
@@ -693,6 +732,7 @@ def prepare_pair(
     """
     params = params or PreprocessParams()
     source, target = Path(source), Path(target)
+    _prime_allocator()
     t0 = time.perf_counter()
     src, tgt, factor = _load_pair(source, target, params)
     t_load = time.perf_counter()
