@@ -208,16 +208,46 @@ def _prime_allocator() -> None:
         del block
 
 
-def _load_pair(source: Path, target: Path, params: PreprocessParams) -> tuple[LoadedImage, LoadedImage, float]:
+@dataclass
+class _Image:
+    """One image through the per-image steps (load, resample, mask, view) and their timings."""
+
+    loaded: LoadedImage
+    view: ImageView
+    info: dict[str, Any]
+    load_s: float
+    mask_s: float
+
+
+def _one_image(path: Path, shape: tuple[int, int], factor: float, params: PreprocessParams,
+               full: bool) -> _Image:
+    t0 = time.perf_counter()
+    img = load_image(path, target_size(shape, factor))
+    if int(img.rgb.max()) == int(img.rgb.min()):
+        raise ImageLoadError(f"{path}: image is of one flat colour (nothing to register)")
+    t1 = time.perf_counter()
+    h, w = img.rgb.shape[:2]
+    if full and params.mask:
+        mask, info = tissue_mask(img.rgb, params)
+    else:
+        mask = np.ones((h, w), bool)
+        info = {"coverage": 1.0, "fallback": "masking off" if full else "", "glass": [255.0] * 3,
+                "centre": ((w - 1) / 2, (h - 1) / 2)}
+    glass = _glass_level(info["glass"], params) if full else 0.0
+    view = view_from(img.rgb, mask, glass, params)
+    return _Image(img, view, info, t1 - t0, time.perf_counter() - t1)
+
+
+def _both(source: Path, target: Path, params: PreprocessParams, full: bool) -> tuple[_Image, _Image, float]:
+    """The per-image steps of both images at the pair's one factor: ``(source, target, factor)``.
+
+    (Run one after the other: two threads were slower on the shared two-core machines this was
+    measured on, and the runner already runs pairs in parallel processes.)
+    """
     shapes = read_size(source), read_size(target)
     factor = pair_factor(shapes[0], shapes[1], params)
-    loaded = []
-    for path, shape in zip((source, target), shapes, strict=True):
-        img = load_image(path, target_size(shape, factor))
-        if int(img.rgb.max()) == int(img.rgb.min()):
-            raise ImageLoadError(f"{path}: image is of one flat colour (nothing to register)")
-        loaded.append(img)
-    return loaded[0], loaded[1], factor
+    src, tgt = (_one_image(p, sh, factor, params, full) for p, sh in zip((source, target), shapes, strict=True))
+    return src, tgt, factor
 
 
 # ---------------------------------------------------------------------------------------------
@@ -734,8 +764,9 @@ def prepare_pair(
     source, target = Path(source), Path(target)
     _prime_allocator()
     t0 = time.perf_counter()
-    src, tgt, factor = _load_pair(source, target, params)
-    t_load = time.perf_counter()
+    a, b, factor = _both(source, target, params, full)
+    src, tgt = a.loaded, b.loaded
+    t_images = time.perf_counter()
     diag: dict[str, Any] = {
         "stage_version": STAGE_VERSION,
         "full": bool(full),
@@ -744,7 +775,9 @@ def prepare_pair(
         "decode_target": tgt.how,
         "working_shape_source": list(src.rgb.shape[:2]),
         "working_shape_target": list(tgt.rgb.shape[:2]),
-        "load_s": t_load - t0,
+        "load_s": a.load_s + b.load_s,
+        "mask_s": a.mask_s + b.mask_s,
+        "images_s": t_images - t0,  # wall time of the per-image steps
     }
     common = {
         "source_scale": src.scale,
@@ -753,33 +786,20 @@ def prepare_pair(
         "target_shape": tgt.original_shape,
     }
     if not full:
-        views = [view_from(x.rgb, np.ones(x.rgb.shape[:2], bool), 0.0, params) for x in (src, tgt)]
         diag["time_s"] = time.perf_counter() - t0
-        return PreparedPair(fixed=views[1], moving=views[0], source_pre=np.eye(3), diagnostics=diag, **common)
+        return PreparedPair(fixed=b.view, moving=a.view, source_pre=np.eye(3), diagnostics=diag, **common)
 
-    masks, infos, views = [], [], []
-    for x in (src, tgt):
-        if params.mask:
-            m, info = tissue_mask(x.rgb, params)
-        else:
-            h, w = x.rgb.shape[:2]
-            m = np.ones((h, w), bool)
-            info = {"coverage": 1.0, "fallback": "masking off", "glass": [255.0] * 3,
-                    "centre": ((w - 1) / 2, (h - 1) / 2)}
-        masks.append(m)
-        infos.append(info)
-        views.append(view_from(x.rgb, m, _glass_level(info["glass"], params), params))
-    t_mask = time.perf_counter()
-    c_src, c_tgt = infos[0]["centre"], infos[1]["centre"]
+    c_src, c_tgt = a.info["centre"], b.info["centre"]
     hint = None
-    if params.scale_hint and not (infos[0]["fallback"] or infos[1]["fallback"]):
-        areas = [masks[i].size * infos[i]["coverage"] for i in (0, 1)]
+    if params.scale_hint and params.mask and not (a.info["fallback"] or b.info["fallback"]):
+        areas = [x.view.mask.size * x.info["coverage"] for x in (a, b)]
         hint = float(np.clip(np.sqrt(areas[1] / max(areas[0], 1.0)), 0.8, 1.25))
-    pre, rot = rotation_search(views[0].image, views[1].image, c_src, c_tgt, params, scale_hint=hint)
+    pre, rot = rotation_search(a.view.image, b.view.image, c_src, c_tgt, params, scale_hint=hint)
     t_rot = time.perf_counter()
-    moving = _warp_moving(src.rgb, masks[0], pre, tgt.rgb.shape[:2], infos[0]["glass"], params)
-    fixed = views[1]
+    moving = _warp_moving(src.rgb, a.view.mask, pre, tgt.rgb.shape[:2], a.info["glass"], params)
+    fixed = b.view
     t_end = time.perf_counter()
+    infos = [a.info, b.info]
     diag.update(
         rot,
         mask_coverage_source=infos[0]["coverage"],
@@ -790,8 +810,7 @@ def prepare_pair(
         centre_target=[float(c) for c in c_tgt],
         glass_level_moving=_glass_level(infos[0]["glass"], params),
         glass_level_fixed=_glass_level(infos[1]["glass"], params),
-        mask_s=t_mask - t_load,
-        rotation_s=t_rot - t_mask,
+        rotation_s=t_rot - t_images,
         warp_s=t_end - t_rot,
         time_s=t_end - t0,
     )
