@@ -15,9 +15,10 @@ Steps of the full stage (see ``docs/preprocessing.md``):
 3. tissue mask: smoothed Laplacian magnitude, thresholded, cleaned by morphology (:func:`tissue_mask`);
    the background is set to 0;
 4. initial rotation (:func:`rotation_search`): the source's tissue centre of mass onto the target's, then
-   every angle of the full circle at once (a batch of ``grid_sample`` warps, global NCC), refined around
-   the best coarse angles; optionally the mirrored source too;
-5. the source (image, mask, colour) is warped by the result ``source_pre`` into the target's frame.
+   every angle of the full circle at once (one batch of warps by ``cv2.remap`` on stacked sampling maps,
+   global NCC, each angle at its best shift by one batched FFT cross-correlation), refined around the
+   best coarse angles; optionally the mirrored source too;
+5. the source (colour, mask, image) is warped by the result ``source_pre`` into the target's frame.
 """
 
 from __future__ import annotations
@@ -54,8 +55,9 @@ STAGE_VERSION = "1.0"
 class PreprocessParams:
     """Typed, defaulted parameters of the shared preprocessing (``--set preprocess.X=...``).
 
-    Lengths of the mask step are fractions of the mask image's longer side, so they do not depend on
-    the working size.
+    The mask step works on an image of ``mask_size`` pixels whatever the working size: its Gaussian
+    widths and ``mask_shrink`` are in those pixels, its other lengths fractions of that image's longer
+    side. Defaults were chosen on generated data only (``docs/preprocessing.md``).
     """
 
     # resampling
@@ -96,8 +98,8 @@ class PreprocessParams:
             if not getattr(self, name) > 0:
                 raise ValueError(f"preprocess.{name} must be > 0, got {getattr(self, name)!r}")
         for name in ("smoothing_sigma", "mask_sigma", "mask_energy_sigma", "mask_min_energy", "mask_close",
-                     "mask_open", "mask_shrink", "mask_min_area", "mask_border_thickness", "mask_min_coverage", "flip_margin",
-                     "max_shift"):
+                     "mask_open", "mask_shrink", "mask_min_area", "mask_border_thickness", "mask_min_coverage",
+                     "flip_margin", "max_shift"):
             if getattr(self, name) < 0:
                 raise ValueError(f"preprocess.{name} must be >= 0, got {getattr(self, name)!r}")
 
