@@ -8,8 +8,11 @@ descriptors ``(N, D)`` for each image; :func:`register_features` does the rest:
    mutual nearest neighbours);
 2. robust affine estimation moving -> fixed with OpenCV's ``estimateAffine2D`` (USAC MAGSAC++ or RANSAC,
    then Levenberg-Marquardt refinement on the inliers);
-3. refusal, with the reason, of too few inliers, a too small inlier ratio, or a degenerate matrix (scale
-   outside a range, strong anisotropy / shear, a reflection).
+3. guided matching: descriptors matched again, each only near where the first fit puts it, and the fit
+   repeated (kept when it has more inliers);
+4. refusal, with the reason, of too few inliers, inliers that chance would explain (an a-contrario number of
+   false alarms, :func:`nfa`), a degenerate matrix (scale outside a range, strong anisotropy / shear, a
+   reflection), or an alignment after which the images share no structure (:func:`alignment_evidence`).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any, Literal
 
 import cv2
 import numpy as np
+from scipy.special import gammaln
 
 from bench import Estimate, RegistrationFailed
 
@@ -36,8 +40,12 @@ class MatchParams:
     max_iters: int = 10000
     confidence: float = 0.999
     refine_iters: int = 10  # Levenberg-Marquardt refinement on the inliers
-    min_inliers: int = 15  # fewer inliers than this: RegistrationFailed
-    min_inlier_ratio: float = 0.05  # inliers / ratio-test matches below this: RegistrationFailed
+    min_inliers: int = 8  # fewer inliers than this: RegistrationFailed (the NFA test is the main one)
+    min_inlier_ratio: float = 0.0  # inliers / ratio-test matches below this: RegistrationFailed (0 = off)
+    max_nfa: float = 1e-3  # a-contrario test: expected number of random models this good (see nfa)
+    guided_gate: float = 0.02  # re-match within this x fixed diagonal of the first fit's prediction; 0 = off
+    min_evidence: float = 1.0  # alignment_evidence contrast below this: no shared structure; 0 = off
+    evidence_sigma: float = 4.0  # band-pass scale of that check, pixels
     min_scale: float = 0.5  # sqrt(|det A|) outside [min_scale, max_scale]: degenerate
     max_scale: float = 2.0
     max_anisotropy: float = 1.5  # ratio of the singular values of A above this: degenerate (shear)
@@ -264,6 +272,29 @@ def estimate_affine(
     return matrix, inliers
 
 
+def nfa(n_matches: int, n_inliers: int, radius: float, area: float, n_tests: int) -> float:
+    """Number of false alarms of a robust fit (a-contrario): how many models this good chance would give.
+
+    Under the null hypothesis the ``n_matches`` matched fixed points fall uniformly in the ``area`` they
+    were searched in (the gate disc), so each lands within ``radius`` of a model's prediction with
+    probability ``q = pi radius^2 / area``; the chance of ``n_inliers`` or more is the binomial tail,
+    multiplied by the ``n_tests`` models tried (the robust estimator's iterations). A value far below 1
+    means the inliers cannot be a coincidence, whatever the inlier ratio; unlike a fixed ratio, the test
+    needs no tuning to a stain or a dataset.
+
+    >>> nfa(500, 40, 5.0, np.pi * 130.0**2, 10000) < 1e-6, nfa(500, 3, 5.0, np.pi * 130.0**2, 10000) > 1
+    (True, True)
+    """
+    q = min(1.0, np.pi * radius * radius / max(area, 1e-9))
+    if n_inliers <= 0 or q >= 1.0:
+        return float(n_tests)
+    k = np.arange(n_inliers, n_matches + 1)
+    logs = (gammaln(n_matches + 1) - gammaln(k + 1) - gammaln(n_matches - k + 1)
+            + k * np.log(q) + (n_matches - k) * np.log1p(-q))
+    tail = float(np.exp(np.logaddexp.reduce(logs))) if len(k) else 0.0
+    return float(n_tests) * tail
+
+
 def register_features(
     kp_moving: np.ndarray,
     desc_moving: np.ndarray,
@@ -273,6 +304,8 @@ def register_features(
     seed: int,
     diagonal: float,
     extra: dict[str, Any] | None = None,
+    fixed_shape: tuple[int, int] | None = None,
+    views: tuple[Any, Any] | None = None,
 ) -> Estimate:
     """Match, estimate and check: the whole feature-based registration after detection.
 
@@ -288,22 +321,30 @@ def register_features(
         Diagonal of the fixed image, pixels (``p.gate`` is a fraction of it).
     extra : dict, optional
         Diagnostics to add (backend name ...); also attached to a failure's message.
+    fixed_shape : (H, W), optional
+        Shape of the fixed image: the search area of the a-contrario test when there is no gate (default:
+        the fixed keypoints' bounding box).
+    views : (fixed ImageView, moving ImageView), optional
+        For the final check that the aligned images share structure (:func:`alignment_evidence`).
 
     Returns
     -------
     Estimate
         Moving -> fixed matrix; diagnostics ``keypoints_moving``, ``keypoints_fixed``, ``matches``,
-        ``inliers``, ``inlier_ratio`` plus ``extra``.
+        ``inliers``, ``inlier_ratio``, ``log10_nfa``, the guided search's counts, the evidence, plus ``extra``.
 
     Raises
     ------
     RegistrationFailed
-        Too few keypoints, matches or inliers, too small an inlier ratio, or a degenerate matrix.
+        Too few keypoints, matches or inliers, inliers that chance explains (NFA), a degenerate matrix, or
+        aligned images that share no structure.
     """
     diag: dict[str, Any] = dict(extra or {})
     diag.update(keypoints_moving=int(len(kp_moving)), keypoints_fixed=int(len(kp_fixed)))
-    allowed = gate_mask(np.asarray(kp_moving, float), np.asarray(kp_fixed, float), p.gate * diagonal)
-    idx = match_descriptors(desc_moving, desc_fixed, p.ratio, p.mutual, allowed)
+    kp_m = np.asarray(kp_moving, dtype=np.float64)
+    kp_f = np.asarray(kp_fixed, dtype=np.float64)
+    radius = p.gate * diagonal
+    idx = match_descriptors(desc_moving, desc_fixed, p.ratio, p.mutual, gate_mask(kp_m, kp_f, radius))
     diag["matches"] = int(len(idx))
 
     def fail(reason: str) -> RegistrationFailed:
@@ -311,20 +352,48 @@ def register_features(
 
     if len(idx) < max(3, p.min_inliers):
         raise fail(f"too few matches: {len(idx)} < {max(3, p.min_inliers)}")
-    pm = np.asarray(kp_moving, dtype=np.float64)[idx[:, 0]]
-    pf = np.asarray(kp_fixed, dtype=np.float64)[idx[:, 1]]
-    matrix, inliers = estimate_affine(pm, pf, p, seed)
-    n_in = int(inliers.sum())
-    diag.update(inliers=n_in, inlier_ratio=round(n_in / len(idx), 4))
+    matrix, inliers = estimate_affine(kp_m[idx[:, 0]], kp_f[idx[:, 1]], p, seed)
     if matrix is None or not np.all(np.isfinite(matrix)):
         raise fail("robust estimation found no affine model")
+    n_in = int(inliers.sum())
+    if radius > 0:
+        area = np.pi * radius * radius
+    elif fixed_shape is not None:
+        area = float(fixed_shape[0] * fixed_shape[1])
+    else:  # the fixed keypoints' bounding box
+        area = float(np.prod(np.ptp(kp_f, axis=0) + 1.0))
+    diag.update(inliers=n_in, inlier_ratio=round(n_in / len(idx), 4),
+                log10_nfa=round(float(np.log10(max(nfa(len(idx), n_in, p.reproj_threshold, area, p.max_iters),
+                                                    1e-300))), 2))
+    if p.guided_gate > 0 and n_in >= 3:
+        # guided matching: search again, only near where the first fit puts each moving keypoint
+        g_radius = p.guided_gate * diagonal
+        predicted = cv2.transform(kp_m.reshape(-1, 1, 2), matrix).reshape(-1, 2)
+        g_idx = match_descriptors(desc_moving, desc_fixed, p.ratio, p.mutual, gate_mask(predicted, kp_f, g_radius))
+        if len(g_idx) >= 3:
+            g_matrix, g_inliers = estimate_affine(kp_m[g_idx[:, 0]], kp_f[g_idx[:, 1]], p, seed)
+            g_in = int(g_inliers.sum())
+            g_nfa = nfa(len(g_idx), g_in, p.reproj_threshold, np.pi * g_radius * g_radius, p.max_iters)
+            diag.update(guided_matches=int(len(g_idx)), guided_inliers=g_in)
+            if g_matrix is not None and np.all(np.isfinite(g_matrix)) and g_in > n_in:
+                # the guided search's own test assumes the first fit; the first fit's test stays the gate
+                matrix, n_in = g_matrix, g_in
+                diag.update(guided=True, guided_log10_nfa=round(float(np.log10(max(g_nfa, 1e-300))), 2))
     if n_in < p.min_inliers:
         raise fail(f"too few inliers: {n_in} < {p.min_inliers}")
-    if n_in / len(idx) < p.min_inlier_ratio:
-        raise fail(f"inlier ratio {n_in / len(idx):.3f} < {p.min_inlier_ratio}")
+    if diag["inliers"] / len(idx) < p.min_inlier_ratio:
+        raise fail(f"inlier ratio {diag['inliers'] / len(idx):.3f} < {p.min_inlier_ratio}")
+    if 10.0 ** diag["log10_nfa"] > p.max_nfa:
+        raise fail(f"inliers could be chance: NFA 10^{diag['log10_nfa']} > {p.max_nfa}")
     problem = matrix_problem(matrix, p.min_scale, p.max_scale, p.max_anisotropy)
     if problem:
         raise fail(problem)
+    if p.min_evidence > 0 and views is not None:
+        fixed, moving = views
+        ev = alignment_evidence(fixed.image, fixed.mask, moving.image, moving.mask, matrix, p.evidence_sigma)
+        diag.update({f"evidence_{k}": round(v, 4) for k, v in ev.items()})
+        if ev["contrast"] < p.min_evidence:
+            raise fail(f"no shared structure after alignment: contrast {ev['contrast']:.2f} < {p.min_evidence}")
     return Estimate(matrix, diag)
 
 

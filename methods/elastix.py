@@ -8,8 +8,9 @@ initialisation of the translation), with the rotation centre at the fixed tissue
 Metric: AdvancedMattesMutualInformation (as ``iterative``, and for the same reason: two stains are related
 by an unknown non-linear intensity mapping); optimiser: elastix's AdaptiveStochasticGradientDescent with
 new random samples every iteration; a smoothing pyramid. Like ``iterative``, it reports failure when the
-result is degenerate, the Mattes MI at the result is worse than at the start, or the aligned images
-share no structure (:func:`bench.methods._features.alignment_evidence`).
+result is degenerate or the aligned images share no structure
+(:func:`bench.methods._features.alignment_evidence`), and keeps the start when the Mattes MI at the result
+is worse than there.
 
 elastix maps *fixed* points to *moving* points: ``T(x) = A (x - c) + c + t`` with the parameters
 ``(a11, a12, a21, a22, tx, ty)`` and ``CenterOfRotationPoint`` ``c`` (physical = pixel (x, y) here); the
@@ -23,7 +24,7 @@ from typing import Any, Literal
 
 import numpy as np
 from bench.methods._features import alignment_evidence, matrix_problem
-from bench.methods.iterative import IterativeParams, dilated, tissue_centre
+from bench.methods.iterative import IterativeParams, dilated, keep_better_start, tissue_centre
 
 from bench import Context, Estimate, ImageView, Method, RegistrationFailed, register
 
@@ -160,8 +161,7 @@ class Elastix(Method):
         end = _full_metric(ip, f_img, m_img, result, mask)
         diag.update(metric="mattes", metric_start=start, metric_end=end)
         info = f"(Mattes MI {start:.4f} -> {end:.4f})"
-        if end > start + 1e-6 * max(1.0, abs(start)):
-            raise RegistrationFailed(f"metric got worse than at the start {info}")
+        matrix = keep_better_start(matrix, diag)
         problem = matrix_problem(matrix, p.min_scale, p.max_scale, p.max_anisotropy)
         if problem:
             raise RegistrationFailed(f"{problem} {info}")

@@ -12,10 +12,11 @@ correlation does not. ``metric=correlation`` is available for comparison (docs/c
 SimpleITK's ``AffineTransform`` maps *fixed* points to *moving* points (physical coordinates; here spacing
 1 and origin 0, so physical = pixel (x, y)); the estimate is its inverse, moving -> fixed.
 
-Failure is reported (:class:`bench.RegistrationFailed`) when the masks are empty, the optimiser leaves the
-metric worse than at the start, the result is degenerate (scale, shear, reflection) or, after alignment,
+Failure is reported (:class:`bench.RegistrationFailed`) when the masks are empty, the result is degenerate (scale, shear, reflection) or, after alignment,
 the two images share no structure (band-pass correlation inside the common tissue below a floor: what an
-unrelated pair or a collapse onto the tissue outline gives).
+unrelated pair or a collapse onto the tissue outline gives). When the optimiser ends at a worse
+full-resolution metric than its start, the start (the preprocessing's alignment) is returned instead,
+recorded as ``kept_start`` in the diagnostics (:func:`keep_better_start`).
 """
 
 from __future__ import annotations
@@ -269,11 +270,10 @@ class Iterative(Method):
         return self._checked(fixed, moving, np.linalg.inv(sitk_affine_to_matrix(tx)), diag)
 
     def _checked(self, fixed: ImageView, moving: ImageView, matrix: np.ndarray, diag: dict) -> Estimate:
-        """Raise RegistrationFailed for a worse metric, a degenerate matrix or no shared structure."""
+        """Keep the better of start and result; raise RegistrationFailed for a degenerate matrix or no shared structure."""
         p: IterativeParams = self.params
         info = f"(stop: {diag['stop_condition']}; metric {diag['metric_start']:.4f} -> {diag['metric_end']:.4f})"
-        if diag["metric_end"] > diag["metric_start"] + 1e-6 * max(1.0, abs(diag["metric_start"])):
-            raise RegistrationFailed(f"metric got worse than at the start {info}")  # SimpleITK minimises
+        matrix = keep_better_start(matrix, diag)
         problem = matrix_problem(matrix, p.min_scale, p.max_scale, p.max_anisotropy)
         if problem:
             raise RegistrationFailed(f"{problem} {info}")
@@ -285,6 +285,19 @@ class Iterative(Method):
                 f"when shifted (contrast {ev['contrast']:.2f} < {p.min_evidence}) {info}"
             )
         return Estimate(matrix, diag)
+
+
+def keep_better_start(matrix: np.ndarray, diag: dict) -> np.ndarray:
+    """``matrix``, or the identity (the start) when the full-resolution metric there is better.
+
+    The optimiser samples the metric randomly, so from a start that is already optimal (identical
+    images, or a preprocessing result that cannot be improved) it can drift to a slightly worse point;
+    the start is then the better estimate by the method's own criterion. ``diag['kept_start']`` records
+    it (SimpleITK and elastix minimise, so lower metric values are better).
+    """
+    worse = diag["metric_end"] > diag["metric_start"]
+    diag["kept_start"] = bool(worse)
+    return np.eye(3) if worse else matrix
 
 
 def _to_sitk(image: np.ndarray) -> Any:

@@ -91,4 +91,5 @@ class Sift(Method):
         if len(kp_f) < 3 or len(kp_m) < 3:
             raise RegistrationFailed(f"too few SIFT keypoints (fixed {len(kp_f)}, moving {len(kp_m)})")
         diagonal = float(np.hypot(*fixed.shape))
-        return register_features(kp_m, desc_m, kp_f, desc_f, p, context.seed, diagonal, extra={"backend": "opencv-sift"})
+        return register_features(kp_m, desc_m, kp_f, desc_f, p, context.seed, diagonal, extra={"backend": "opencv-sift"},
+                                 fixed_shape=fixed.shape, views=(fixed, moving))

@@ -85,8 +85,12 @@ def _method(name: str):
     return _elastix() if name == "elastix" else METHODS[name]()
 
 
+# elastix loads ITK's large lazy modules on first use (tens of seconds): marked slow
+ALL = [*METHODS, pytest.param("elastix", marks=pytest.mark.slow)]
+
+
 @pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("name", [*METHODS, "elastix"])
+@pytest.mark.parametrize("name", ALL)
 def test_recovers_known_affine(name, case, pairs):
     fixed, moving, truth = pairs[case]
     before = _relative_error(np.eye(3), truth, fixed)
@@ -96,7 +100,7 @@ def test_recovers_known_affine(name, case, pairs):
     assert err < 0.01, f"{name} on {case}: relative error {err:.4f} (was {before:.4f})"
 
 
-@pytest.mark.parametrize("name", [*METHODS, "elastix"])
+@pytest.mark.parametrize("name", ALL)
 def test_reports_failure_on_unrelated_tissue(name, pairs):
     fixed, _, _ = pairs["shrink-0.8"]  # kidney-like
     _, other, _ = pairs["shear"]  # lung-like, another base section
@@ -104,7 +108,7 @@ def test_reports_failure_on_unrelated_tissue(name, pairs):
         _method(name).estimate(fixed, other, Context(seed=0))
 
 
-@pytest.mark.parametrize("name", [*METHODS, "elastix"])
+@pytest.mark.parametrize("name", ALL)
 def test_reports_failure_on_blank_target(name, pairs):
     fixed, moving, _ = pairs["grow-1.25"]
     blank = ImageView(np.zeros_like(fixed.image), np.zeros_like(fixed.mask), None)

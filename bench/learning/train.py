@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -51,12 +52,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--lr", type=float, default=1e-4)
     g.add_argument("--decay", type=float, default=0.995, help="learning-rate factor per epoch")
     g.add_argument("--loss", choices=["ncc", "relative"], default="ncc")
-    g.add_argument("--loss-pool", type=int, default=1, help="average-pool factor of the images for the loss")
+    g.add_argument("--loss-pool", type=int, nargs="+", default=[1],
+                   help="average-pool factor(s) of the images for the loss; several = mean NCC over those scales")
     g.add_argument("--max-rotation", type=float, default=15.0, help="augmentation rotation, degrees (+-)")
     g.add_argument("--scale-range", type=float, nargs=2, default=(0.9, 1.15), help="augmentation scale range")
     g.add_argument("--max-shear", type=float, default=0.08, help="augmentation shear (+-)")
     g.add_argument("--max-translation", type=float, default=0.08, help="augmentation shift, x longer side (+-)")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     g.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     g = parser.add_argument_group("output")
     g.add_argument("--out", type=Path, default=Path("runs/train"), help="folder for checkpoints, plot, weights")
@@ -72,20 +75,25 @@ def ncc(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
 
 def pair_loss(model: torch.nn.Module, moving: torch.Tensor, fixed: torch.Tensor, kind: str = "ncc",
-              pool: int = 1):
+              pool: int | Sequence[int] = 1):
     """Loss for one pair on one common canvas (``(1, 1, H, W)`` each) and the predicted ``theta`` ``(1, 2, 3)``.
 
     ``pool`` > 1 average-pools both images before the NCC (``theta`` is in normalised coordinates, so it
-    applies unchanged): a smoother similarity with a wider basin, hence steadier gradients.
+    applies unchanged): a smoother similarity with a wider basin, hence steadier gradients. Several
+    factors (e.g. ``(2, 4, 8)``) give the mean of the negative NCC over those scales.
     """
     theta = model(moving, fixed)
-    if pool > 1:
-        moving, fixed = (torch.nn.functional.avg_pool2d(t, pool, ceil_mode=True) for t in (moving, fixed))
-    loss = -ncc(warp(moving, theta, tuple(fixed.shape[-2:])), fixed)
-    if kind == "relative":
-        with torch.no_grad():
-            loss = loss + ncc(moving, fixed)
-    return loss, theta
+    pools = [pool] if isinstance(pool, int) else list(pool)
+    loss = moving.new_zeros(())
+    for k in pools:
+        m, f = moving, fixed
+        if k > 1:
+            m, f = (torch.nn.functional.avg_pool2d(t, k, ceil_mode=True) for t in (moving, fixed))
+        loss = loss - ncc(warp(m, theta, tuple(f.shape[-2:])), f)
+        if kind == "relative":
+            with torch.no_grad():
+                loss = loss + ncc(m, f)
+    return loss / len(pools), theta
 
 
 def load_data(args: argparse.Namespace) -> tuple[list[D.CachedPair], list[D.CachedPair], dict[str, Any]]:
@@ -207,7 +215,7 @@ def model_card(model, meta: dict[str, Any], filename: str) -> str:
         f"- **Training:** unsupervised, loss {meta['loss']} (negative global NCC), Adam lr {meta['lr']}, "
         f"x{meta['decay']} per epoch, real batch {meta['real_batch']}, {meta['epochs']} epochs, seed {meta['seed']}, "
         f"random affine augmentation of source and target ({meta['augment']}), loss images "
-        f"average-pooled x{meta['loss_pool']}; torch " + str(meta["torch"]) + ".",
+        f"average-pooled x{meta['loss_pool']} (mean over the factors); torch " + str(meta["torch"]) + ".",
         f"- **Final losses:** training {f['train_loss']:.4f}; validation: {val} "
         "(rTRE on augmented generated validation pairs: landmark error / image diagonal, network frame).",
         f"- **Code:** git commit `{meta['git_commit']}`.",
@@ -243,6 +251,8 @@ def run(args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         console.print("[red]error:[/] --device cuda but CUDA is not available")
         return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
