@@ -306,6 +306,8 @@ def register_features(
     extra: dict[str, Any] | None = None,
     fixed_shape: tuple[int, int] | None = None,
     views: tuple[Any, Any] | None = None,
+    angles: tuple[np.ndarray, np.ndarray] | None = None,
+    max_turn: float = 180.0,
 ) -> Estimate:
     """Match, estimate and check: the whole feature-based registration after detection.
 
@@ -326,6 +328,9 @@ def register_features(
         the fixed keypoints' bounding box).
     views : (fixed ImageView, moving ImageView), optional
         For the final check that the aligned images share structure (:func:`alignment_evidence`).
+    angles : ((N,), (M,)) arrays of keypoint orientations in degrees (moving, fixed), optional
+        With ``max_turn``: match only keypoints whose orientations differ by at most ``max_turn`` degrees
+        (the shared preprocessing already removed the rotation between the images).
 
     Returns
     -------
@@ -344,7 +349,12 @@ def register_features(
     kp_m = np.asarray(kp_moving, dtype=np.float64)
     kp_f = np.asarray(kp_fixed, dtype=np.float64)
     radius = p.gate * diagonal
-    idx = match_descriptors(desc_moving, desc_fixed, p.ratio, p.mutual, gate_mask(kp_m, kp_f, radius))
+    allowed = gate_mask(kp_m, kp_f, radius)
+    if angles is not None:  # orientation consistency: the preprocessing already removed the rotation
+        turn = np.abs((np.asarray(angles[0], float)[:, None] - np.asarray(angles[1], float)[None, :] + 180) % 360 - 180)
+        consistent = (turn <= max_turn).astype(np.uint8)
+        allowed = consistent if allowed is None else allowed & consistent
+    idx = match_descriptors(desc_moving, desc_fixed, p.ratio, p.mutual, allowed)
     diag["matches"] = int(len(idx))
 
     def fail(reason: str) -> RegistrationFailed:
@@ -369,7 +379,10 @@ def register_features(
         # guided matching: search again, only near where the first fit puts each moving keypoint
         g_radius = p.guided_gate * diagonal
         predicted = cv2.transform(kp_m.reshape(-1, 1, 2), matrix).reshape(-1, 2)
-        g_idx = match_descriptors(desc_moving, desc_fixed, p.ratio, p.mutual, gate_mask(predicted, kp_f, g_radius))
+        g_allowed = gate_mask(predicted, kp_f, g_radius)
+        if angles is not None:
+            g_allowed &= consistent
+        g_idx = match_descriptors(desc_moving, desc_fixed, p.ratio, p.mutual, g_allowed)
         if len(g_idx) >= 3:
             g_matrix, g_inliers = estimate_affine(kp_m[g_idx[:, 0]], kp_f[g_idx[:, 1]], p, seed)
             g_in = int(g_inliers.sum())
