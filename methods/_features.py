@@ -44,7 +44,7 @@ class MatchParams:
     min_inlier_ratio: float = 0.0  # inliers / ratio-test matches below this: RegistrationFailed (0 = off)
     max_nfa: float = 1e-3  # a-contrario test: expected number of random models this good (see nfa)
     guided_gate: float = 0.02  # re-match within this x fixed diagonal of the first fit's prediction; 0 = off
-    min_evidence: float = 1.0  # alignment_evidence contrast below this: no shared structure; 0 = off
+    min_evidence: float = 1.2  # alignment_evidence contrast below this: no shared structure; 0 = off (as iterative)
     evidence_sigma: float = 4.0  # band-pass scale of that check, pixels
     min_scale: float = 0.5  # sqrt(|det A|) outside [min_scale, max_scale]: degenerate
     max_scale: float = 2.0
