@@ -20,9 +20,9 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from bench.datasets.synthetic import GeneratorConfig, dataset_plan, generate_pair
 
 from bench import Context, ImageView, RegistrationFailed, geometry
-from bench.datasets.synthetic import GeneratorConfig, dataset_plan, generate_pair
 from bench.registry import get
 
 N = int(os.environ.get("N", 24))

@@ -7,9 +7,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from bench.datasets.anhir import write_landmarks
 
 from bench import geometry
-from bench.datasets.anhir import write_landmarks
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "anhir-mini"
 

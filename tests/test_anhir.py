@@ -4,7 +4,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from bench.datasets.anhir import DatasetError, LandmarkError, load_table, read_landmarks, write_landmarks
 
 

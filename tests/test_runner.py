@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from bench.datasets.anhir import load_table, read_landmarks
 
 from bench import Method, geometry, registry
-from bench.datasets.anhir import load_table, read_landmarks
 from bench.method import Estimate, RegistrationFailed
 from bench.runner import RunConfig, RunError, run
 from bench.store import COLUMNS
