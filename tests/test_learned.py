@@ -158,3 +158,28 @@ def test_train_command_checkpoints_and_resumes(tmp_path):
     assert ck["epoch"] == 1 and [h["epoch"] for h in ck["history"]] == [0, 1, 2]
     model, meta = M.load_weights(tmp_path / "run" / "weights.pt", expected_config="compact")
     assert meta["data"]["n_train"] == 2 and np.isfinite(meta["final"]["train_loss"])
+
+
+@pytest.mark.parametrize("crop", [0.0, 1.0])
+def test_augmentation_moves_images_and_landmarks_alike(crop):
+    """A bright dot at a landmark ends where the returned augmentation matrix puts the landmark."""
+    from bench.learning import data as D
+
+    h, w = 120, 160
+    img = np.zeros((h, w), np.float32)
+    point = np.array([[70.0, 50.0]])
+    img = cv2.GaussianBlur(cv2.circle(img, (70, 50), 3, 1.0, -1), (0, 0), 2.0)
+    mask = np.zeros((h, w), bool)
+    mask[20:100, 30:130] = True
+    pair = D.CachedPair("dot", img, img.copy(), np.ones((h, w), bool), mask, point, point)
+    cfg = D.AugmentConfig(max_rotation_deg=10, scale_range=(0.9, 1.1), max_shear=0.03, max_translation_frac=0.03,
+                          crop_probability=crop, crop_range=(0.6, 0.8))
+    for seed in range(5):
+        mv, fx, (a_m, a_f) = D.to_tensors(pair, np.random.default_rng(seed), cfg)
+        if crop:
+            assert mv.shape[-2] < h and mv.shape[-1] < w
+        for tensor, a in ((mv, a_m), (fx, a_f)):
+            arr = tensor[0, 0].numpy()
+            y, x = np.unravel_index(np.argmax(arr), arr.shape)
+            expected = geometry.apply(a, point)[0]
+            assert np.hypot(x - expected[0], y - expected[1]) <= 1.5, (seed, (x, y), expected)

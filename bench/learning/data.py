@@ -202,6 +202,8 @@ class AugmentConfig:
     scale_range: tuple[float, float] = (0.9, 1.15)
     max_shear: float = 0.08
     max_translation_frac: float = 0.08  # of the image's longer side
+    crop_probability: float = 0.0  # chance of cutting both images to one random window first
+    crop_range: tuple[float, float] = (0.5, 0.9)  # window side / canvas side (drawn per axis)
 
 
 def random_matrix(rng: np.random.Generator, shape: tuple[int, int], cfg: AugmentConfig) -> np.ndarray:
@@ -250,6 +252,30 @@ def to_tensors(pair: CachedPair, rng: np.random.Generator | None, cfg: AugmentCo
     if rng is None:
         return (torch.from_numpy(mv.astype(np.float32))[None, None],
                 torch.from_numpy(fx.astype(np.float32))[None, None], (np.eye(3), np.eye(3)))
-    a_m = random_matrix(rng, pair.moving.shape, cfg)
-    a_f = random_matrix(rng, pair.fixed.shape, cfg)
-    return _warp_np(mv, a_m), _warp_np(fx, a_f), (a_m, a_f)
+    shift = np.eye(3)
+    m_shape, f_shape = pair.moving.shape, pair.fixed.shape
+    if cfg.crop_probability > 0 and rng.random() < cfg.crop_probability:
+        mv, fx, (x0, y0) = random_crop(rng, mv, fx, pair.fixed_mask, cfg.crop_range)
+        shift = geometry.translation(-x0, -y0)
+        m_shape = f_shape = fx.shape
+    a_m = random_matrix(rng, m_shape, cfg) @ shift
+    a_f = random_matrix(rng, f_shape, cfg) @ shift
+    return _warp_np(mv, a_m @ np.linalg.inv(shift)), _warp_np(fx, a_f @ np.linalg.inv(shift)), (a_m, a_f)
+
+
+def random_crop(rng: np.random.Generator, moving: np.ndarray, fixed: np.ndarray, fixed_mask: np.ndarray,
+                side_range: tuple[float, float]) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+    """One random window, the same for both images of a common canvas, around the fixed tissue.
+
+    Real sections often fill their frame, so their outline is cut off; generated ones lie whole on a blank
+    slide. Cropping both images to one window (so their pixel correspondence is unchanged) shows the
+    network tissue that fills the frame as well. Returns the crops and the window's ``(x0, y0)``.
+    """
+    h, w = fixed.shape
+    ch = int(round(h * rng.uniform(*side_range)))
+    cw = int(round(w * rng.uniform(*side_range)))
+    ys, xs = np.nonzero(fixed_mask)
+    cy, cx = (ys.mean(), xs.mean()) if len(ys) else (h / 2, w / 2)
+    y0 = int(np.clip(round(cy - ch / 2 + rng.uniform(-0.15, 0.15) * ch), 0, h - ch))
+    x0 = int(np.clip(round(cx - cw / 2 + rng.uniform(-0.15, 0.15) * cw), 0, w - cw))
+    return moving[y0:y0 + ch, x0:x0 + cw], fixed[y0:y0 + ch, x0:x0 + cw], (x0, y0)

@@ -58,6 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--scale-range", type=float, nargs=2, default=(0.9, 1.15), help="augmentation scale range")
     g.add_argument("--max-shear", type=float, default=0.08, help="augmentation shear (+-)")
     g.add_argument("--max-translation", type=float, default=0.08, help="augmentation shift, x longer side (+-)")
+    g.add_argument("--crop-probability", type=float, default=0.0,
+                   help="chance of cutting both images to one random window (tissue filling the frame)")
+    g.add_argument("--crop-range", type=float, nargs=2, default=(0.5, 0.9), help="window side / image side")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     g.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -227,7 +230,8 @@ def model_card(model, meta: dict[str, Any], filename: str) -> str:
 
 def augment_config(args: argparse.Namespace) -> D.AugmentConfig:
     return D.AugmentConfig(max_rotation_deg=args.max_rotation, scale_range=tuple(args.scale_range),
-                           max_shear=args.max_shear, max_translation_frac=args.max_translation)
+                           max_shear=args.max_shear, max_translation_frac=args.max_translation,
+                           crop_probability=args.crop_probability, crop_range=tuple(args.crop_range))
 
 
 def _git_commit() -> str:
