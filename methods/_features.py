@@ -295,6 +295,20 @@ def nfa(n_matches: int, n_inliers: int, radius: float, area: float, n_tests: int
     return float(n_tests) * tail
 
 
+def orientation_compatible(angles_moving: np.ndarray, angles_fixed: np.ndarray, max_turn: float) -> np.ndarray:
+    """(N, M) uint8: 1 where two keypoint orientations (degrees) differ by at most ``max_turn`` degrees.
+
+    The shared preprocessing already removed the rotation between the images, so a correct match keeps its
+    orientation (up to the noise of the orientation estimate).
+
+    >>> orientation_compatible(np.array([0.0, 170.0]), np.array([10.0, -175.0]), 30).tolist()
+    [[1, 0], [0, 1]]
+    """
+    turn = np.abs((np.asarray(angles_moving, float)[:, None] - np.asarray(angles_fixed, float)[None, :] + 180) % 360
+                  - 180)
+    return (turn <= max_turn).astype(np.uint8)
+
+
 def register_features(
     kp_moving: np.ndarray,
     desc_moving: np.ndarray,
@@ -306,8 +320,7 @@ def register_features(
     extra: dict[str, Any] | None = None,
     fixed_shape: tuple[int, int] | None = None,
     views: tuple[Any, Any] | None = None,
-    angles: tuple[np.ndarray, np.ndarray] | None = None,
-    max_turn: float = 180.0,
+    compatible: np.ndarray | None = None,
 ) -> Estimate:
     """Match, estimate and check: the whole feature-based registration after detection.
 
@@ -328,9 +341,9 @@ def register_features(
         the fixed keypoints' bounding box).
     views : (fixed ImageView, moving ImageView), optional
         For the final check that the aligned images share structure (:func:`alignment_evidence`).
-    angles : ((N,), (M,)) arrays of keypoint orientations in degrees (moving, fixed), optional
-        With ``max_turn``: match only keypoints whose orientations differ by at most ``max_turn`` degrees
-        (the shared preprocessing already removed the rotation between the images).
+    compatible : (N, M) uint8 array, optional
+        1 where a moving and a fixed keypoint may be matched at all (e.g. :func:`orientation_compatible`);
+        combined with the position gate.
 
     Returns
     -------
@@ -350,10 +363,8 @@ def register_features(
     kp_f = np.asarray(kp_fixed, dtype=np.float64)
     radius = p.gate * diagonal
     allowed = gate_mask(kp_m, kp_f, radius)
-    if angles is not None:  # orientation consistency: the preprocessing already removed the rotation
-        turn = np.abs((np.asarray(angles[0], float)[:, None] - np.asarray(angles[1], float)[None, :] + 180) % 360 - 180)
-        consistent = (turn <= max_turn).astype(np.uint8)
-        allowed = consistent if allowed is None else allowed & consistent
+    if compatible is not None:  # detector-specific pairing rules (orientation, blob polarity ...)
+        allowed = compatible if allowed is None else allowed & compatible
     idx = match_descriptors(desc_moving, desc_fixed, p.ratio, p.mutual, allowed)
     diag["matches"] = int(len(idx))
 
@@ -380,8 +391,8 @@ def register_features(
         g_radius = p.guided_gate * diagonal
         predicted = cv2.transform(kp_m.reshape(-1, 1, 2), matrix).reshape(-1, 2)
         g_allowed = gate_mask(predicted, kp_f, g_radius)
-        if angles is not None:
-            g_allowed &= consistent
+        if compatible is not None:
+            g_allowed &= compatible
         g_idx = match_descriptors(desc_moving, desc_fixed, p.ratio, p.mutual, g_allowed)
         if len(g_idx) >= 3:
             g_matrix, g_inliers = estimate_affine(kp_m[g_idx[:, 0]], kp_f[g_idx[:, 1]], p, seed)

@@ -18,6 +18,7 @@ import numpy as np
 from bench.methods._features import (
     MatchParams,
     detection_factor,
+    orientation_compatible,
     prepare_image,
     register_features,
     to_view,
@@ -40,6 +41,7 @@ class SurfParams(MatchParams):
     n_octaves: int = 4
     n_scales: int = 6  # mahotas: scales per octave (OpenCV uses n_scales - 2 octave layers)
     max_turn: float = 30.0  # oriented keypoints: match only those turned by at most this, degrees (180 = off)
+    same_polarity: bool = False  # match only keypoints with the same sign of the Laplacian (blob polarity)
 
 
 def opencv_surf_available() -> bool:
@@ -67,13 +69,13 @@ def _in_mask(points: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
 
 def detect_surf_opencv(image: np.ndarray, mask: np.ndarray | None, p: SurfParams) -> tuple[np.ndarray, np.ndarray]:
     """OpenCV SURF keypoints (N, 2) as (x, y) and 64-D descriptors (N, 64) of a (H, W) uint8 image."""
-    pts, desc, _ = detect_surf_opencv_oriented(image, mask, p)
+    pts, desc, _, _ = detect_surf_opencv_oriented(image, mask, p)
     return pts, desc
 
 
 def detect_surf_opencv_oriented(image: np.ndarray, mask: np.ndarray | None,
-                                p: SurfParams) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """:func:`detect_surf_opencv` plus the keypoint orientations (N,) in degrees."""
+                                p: SurfParams) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`detect_surf_opencv` plus orientations (N,) in degrees and Laplacian signs (N,) (class_id)."""
     surf = cv2.xfeatures2d.SURF_create(
         hessianThreshold=p.hessian_threshold,
         nOctaves=p.n_octaves,
@@ -82,21 +84,23 @@ def detect_surf_opencv_oriented(image: np.ndarray, mask: np.ndarray | None,
     )
     kps, desc = surf.detectAndCompute(image, mask)
     if desc is None or not kps:
-        return np.empty((0, 2)), np.empty((0, 64), np.float32), np.empty(0)
+        return np.empty((0, 2)), np.empty((0, 64), np.float32), np.empty(0), np.empty(0)
     order = np.argsort([-k.response for k in kps], kind="stable")[: p.max_points]
     return (np.array([kps[i].pt for i in order], dtype=np.float64), desc[order],
-            np.array([kps[i].angle for i in order], dtype=np.float64))
+            np.array([kps[i].angle for i in order], dtype=np.float64),
+            np.array([np.sign(kps[i].class_id) for i in order], dtype=np.float64))
 
 
 def detect_surf_mahotas(image: np.ndarray, mask: np.ndarray | None, p: SurfParams) -> tuple[np.ndarray, np.ndarray]:
     """mahotas SURF keypoints (N, 2) as (x, y) and 64-D descriptors (N, 64) of a (H, W) uint8 image."""
-    pts, desc, _ = detect_surf_mahotas_oriented(image, mask, p)
+    pts, desc, _, _ = detect_surf_mahotas_oriented(image, mask, p)
     return pts, desc
 
 
 def detect_surf_mahotas_oriented(image: np.ndarray, mask: np.ndarray | None,
-                                 p: SurfParams) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """mahotas SURF keypoints (N, 2) as (x, y), 64-D descriptors (N, 64) and orientations (N,) in degrees.
+                                 p: SurfParams) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """mahotas SURF keypoints (N, 2) as (x, y), 64-D descriptors (N, 64), orientations (N,) in degrees and
+    Laplacian signs (N,).
 
     mahotas returns rows ``(y, x, scale, score, laplacian, angle, d0..d63)``; points outside the mask are
     dropped (mahotas has no detection mask; the background is flat, so it yields few points anyway).
@@ -113,10 +117,10 @@ def detect_surf_mahotas_oriented(image: np.ndarray, mask: np.ndarray | None,
         descriptor_only=False,
     )
     if len(rows) == 0:
-        return np.empty((0, 2)), np.empty((0, 64), np.float32), np.empty(0)
+        return np.empty((0, 2)), np.empty((0, 64), np.float32), np.empty(0), np.empty(0)
     points = rows[:, [1, 0]].astype(np.float64)
     keep = _in_mask(points, mask)
-    return points[keep], rows[keep, 6:].astype(np.float32), np.degrees(rows[keep, 5])
+    return points[keep], rows[keep, 6:].astype(np.float32), np.degrees(rows[keep, 5]), np.sign(rows[keep, 4])
 
 
 @register
@@ -153,14 +157,18 @@ class Surf(Method):
         factor = detection_factor((*fixed.shape, *moving.shape), p.detect_size)  # one factor for both
         img_f, mask_f = prepare_image(fixed.image, fixed.mask, p, factor)
         img_m, mask_m = prepare_image(moving.image, moving.mask, p, factor)
-        kp_f, desc_f, ang_f = detect(img_f, mask_f, p)
-        kp_m, desc_m, ang_m = detect(img_m, mask_m, p)
+        kp_f, desc_f, ang_f, lap_f = detect(img_f, mask_f, p)
+        kp_m, desc_m, ang_m, lap_m = detect(img_m, mask_m, p)
         kp_f, kp_m = to_view(kp_f, factor), to_view(kp_m, factor)
         if len(kp_f) < 3 or len(kp_m) < 3:
             raise RegistrationFailed(f"too few SURF keypoints (fixed {len(kp_f)}, moving {len(kp_m)}; {backend})")
         diagonal = float(np.hypot(*fixed.shape))
         extra = {"backend": backend, "upright": bool(p.upright and backend == "opencv")}
-        turn = p.max_turn < 180 and not (backend == "opencv" and p.upright)
+        compatible = None
+        if p.max_turn < 180 and not (backend == "opencv" and p.upright):
+            compatible = orientation_compatible(ang_m, ang_f, p.max_turn)
+        if p.same_polarity:
+            same = (lap_m[:, None] == lap_f[None, :]).astype(np.uint8)
+            compatible = same if compatible is None else compatible & same
         return register_features(kp_m, desc_m, kp_f, desc_f, p, context.seed, diagonal, extra=extra,
-                                 fixed_shape=fixed.shape, views=(fixed, moving),
-                                 angles=(ang_m, ang_f) if turn else None, max_turn=p.max_turn)
+                                 fixed_shape=fixed.shape, views=(fixed, moving), compatible=compatible)
