@@ -99,7 +99,7 @@ def elastix_affine_to_matrix(parameters: Any, center: Any) -> np.ndarray:
 @register
 class Elastix(Method):
     name = "elastix"
-    version = "1"
+    version = "2"
     description = "elastix (itk-elastix) multi-resolution affine, Mattes MI, adaptive stochastic gradient descent."
     uses_preprocessing = True
     devices = ("cpu",)

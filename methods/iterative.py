@@ -219,7 +219,7 @@ def _promote(similarity: Any) -> Any:
 @register
 class Iterative(Method):
     name = "iterative"
-    version = "1"
+    version = "2"
     description = "SimpleITK multi-resolution affine (Mattes MI, regular-step gradient descent), failure checks."
     uses_preprocessing = True
     devices = ("cpu",)

@@ -32,12 +32,13 @@ class LearnedParams:
     input_size: int = 0  # longer side of the network input in pixels; 0 = as trained (from the file)
     config: str = ""  # expected architecture ("paper", "compact"); "" = accept the file's
     passes: int = 1  # forward passes; each one after the first refines the previous warp (1 = the paper)
+    threads: int = 1  # torch CPU threads during a call (0 = torch's default); 1: steady times on shared cores
 
 
 @register
 class Learned(Method):
     name = "learned"
-    version = "1"
+    version = "2"
     description = "The paper's patch-based affine network (unsupervised, NCC), one forward pass after preprocessing."
     uses_preprocessing = True
     devices = ("cpu", "cuda")
@@ -95,9 +96,15 @@ class Learned(Method):
         to = lambda a: torch.from_numpy(np.ascontiguousarray(a, np.float32))[None, None].to(self._device)  # noqa: E731
         mv, fx = to(moving), to(fixed)
         total = np.eye(3)
-        with torch.inference_mode():
-            for k in range(max(1, self.params.passes)):
-                current = mv if k == 0 else warp(mv, to(matrix_to_theta(total, shape, shape))[0], shape)
-                theta = self._model(current, fx)[0].double().cpu().numpy()
-                total = theta_to_matrix(theta, shape, shape) @ total
+        before = torch.get_num_threads()
+        if self._device == "cpu" and self.params.threads > 0:
+            torch.set_num_threads(self.params.threads)  # a 224-px forward gains nothing from more threads
+        try:
+            with torch.inference_mode():
+                for k in range(max(1, self.params.passes)):
+                    current = mv if k == 0 else warp(mv, to(matrix_to_theta(total, shape, shape))[0], shape)
+                    theta = self._model(current, fx)[0].double().cpu().numpy()
+                    total = theta_to_matrix(theta, shape, shape) @ total
+        finally:
+            torch.set_num_threads(before)
         return total, theta

@@ -73,7 +73,7 @@ def detect_sift(image: np.ndarray, mask: np.ndarray | None, p: SiftParams) -> tu
 @register
 class Sift(Method):
     name = "sift"
-    version = "1"
+    version = "2"
     description = "SIFT keypoints (OpenCV), ratio-test matching, MAGSAC++ affine, with failure detection."
     uses_preprocessing = True
     devices = ("cpu",)

@@ -126,7 +126,7 @@ def detect_surf_mahotas_oriented(image: np.ndarray, mask: np.ndarray | None,
 @register
 class Surf(Method):
     name = "surf"
-    version = "1"
+    version = "2"
     description = "SURF keypoints (OpenCV nonfree if built in, else mahotas), ratio test, MAGSAC++ affine."
     uses_preprocessing = True
     devices = ("cpu",)
