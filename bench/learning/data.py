@@ -204,6 +204,9 @@ class AugmentConfig:
     max_translation_frac: float = 0.08  # of the image's longer side
     crop_probability: float = 0.0  # chance of cutting both images to one random window first
     crop_range: tuple[float, float] = (0.5, 0.9)  # window side / canvas side (drawn per axis)
+    gamma_range: tuple[float, float] = (1.0, 1.0)  # per image: tissue intensities raised to a power in this range
+    blur_probability: float = 0.0  # per image: chance of a Gaussian blur (a stain that shows no fine texture)
+    blur_sigma: tuple[float, float] = (1.0, 3.0)  # its sigma range, network-input pixels
 
 
 def random_matrix(rng: np.random.Generator, shape: tuple[int, int], cfg: AugmentConfig) -> np.ndarray:
@@ -258,9 +261,27 @@ def to_tensors(pair: CachedPair, rng: np.random.Generator | None, cfg: AugmentCo
         mv, fx, (x0, y0) = random_crop(rng, mv, fx, pair.fixed_mask, cfg.crop_range)
         shift = geometry.translation(-x0, -y0)
         m_shape = f_shape = fx.shape
+    mv, fx = restain(rng, mv, cfg), restain(rng, fx, cfg)
     a_m = random_matrix(rng, m_shape, cfg) @ shift
     a_f = random_matrix(rng, f_shape, cfg) @ shift
     return _warp_np(mv, a_m @ np.linalg.inv(shift)), _warp_np(fx, a_f @ np.linalg.inv(shift)), (a_m, a_f)
+
+
+def restain(rng: np.random.Generator, image: np.ndarray, cfg: AugmentConfig) -> np.ndarray:
+    """Random intensity changes of one image (tissue > 0, background 0 kept): a gamma, sometimes a blur.
+
+    Two real stains relate non-linearly and one may show fine texture the other lacks; the generator's stains
+    are re-colourings of one texture, so these changes widen what the network sees.
+    """
+    lo, hi = cfg.gamma_range
+    out = image
+    if (lo, hi) != (1.0, 1.0):
+        gamma = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
+        out = np.where(out > 0, np.power(np.clip(out, 0, None), gamma), 0.0).astype(np.float32)
+    if cfg.blur_probability > 0 and rng.random() < cfg.blur_probability:
+        tissue = out > 0
+        out = np.where(tissue, cv2.GaussianBlur(out.astype(np.float32), (0, 0), rng.uniform(*cfg.blur_sigma)), 0.0)
+    return out
 
 
 def random_crop(rng: np.random.Generator, moving: np.ndarray, fixed: np.ndarray, fixed_mask: np.ndarray,

@@ -61,6 +61,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--crop-probability", type=float, default=0.0,
                    help="chance of cutting both images to one random window (tissue filling the frame)")
     g.add_argument("--crop-range", type=float, nargs=2, default=(0.5, 0.9), help="window side / image side")
+    g.add_argument("--gamma-range", type=float, nargs=2, default=(1.0, 1.0),
+                   help="per-image gamma of the tissue intensities (a stain's non-linear response)")
+    g.add_argument("--blur-probability", type=float, default=0.0,
+                   help="per-image chance of a Gaussian blur (a stain without fine texture)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     g.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -231,7 +235,8 @@ def model_card(model, meta: dict[str, Any], filename: str) -> str:
 def augment_config(args: argparse.Namespace) -> D.AugmentConfig:
     return D.AugmentConfig(max_rotation_deg=args.max_rotation, scale_range=tuple(args.scale_range),
                            max_shear=args.max_shear, max_translation_frac=args.max_translation,
-                           crop_probability=args.crop_probability, crop_range=tuple(args.crop_range))
+                           crop_probability=args.crop_probability, crop_range=tuple(args.crop_range),
+                           gamma_range=tuple(args.gamma_range), blur_probability=args.blur_probability)
 
 
 def _git_commit() -> str:
