@@ -65,13 +65,20 @@ class Estimate:
     """A method's answer: ``matrix`` (2x3 or 3x3) maps moving working-frame points to the fixed frame.
 
     ``diagnostics`` holds JSON-serialisable extras (inlier counts, optimiser stop condition...).
+    ``frame="original"`` says the matrix is already in original pixel coordinates (source -> target), so
+    the harness uses it as it is instead of composing it with the resampling and the preprocessing; the
+    ``identity`` method uses it, because the two images' working frames differ by the rounding of their
+    resampled sizes and a working-frame identity is then not exactly the identity.
     """
 
     matrix: np.ndarray
     diagnostics: dict[str, Any] = field(default_factory=dict)
+    frame: str = "working"
 
     def __post_init__(self) -> None:
         self.matrix = as_3x3(self.matrix)
+        if self.frame not in ("working", "original"):
+            raise ValueError(f"Estimate.frame must be 'working' or 'original', got {self.frame!r}")
 
 
 @dataclass(frozen=True)

@@ -198,7 +198,7 @@ def _run_method(
             t0, c0 = time.perf_counter(), time.process_time()
         out = timed(call, device=device, limit_s=task.timeout_s)
         estimate, wall, cpu = out.value, out.wall_s, out.cpu_s
-        matrix = prepared.to_original(estimate.matrix)
+        matrix = estimate.matrix if estimate.frame == "original" else prepared.to_original(estimate.matrix)
         diagnostics = dict(estimate.diagnostics)
     except CallTimeout as exc:
         status, error = "timeout", str(exc)

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 from bench.datasets.anhir import load_table, read_landmarks
@@ -228,3 +229,29 @@ def test_list_shows_methods():
     proc = subprocess.run([sys.executable, "-m", "bench", "list"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "identity" in proc.stdout and "preprocessed" in proc.stdout
+
+
+def test_identity_is_exactly_the_identity_for_images_of_different_sizes(tmp_path: Path):
+    """The 'Initial' row: resampling two images of different sizes rounds their working sizes differently,
+    so a working-frame identity is not exactly the original-pixel identity; ``identity`` must be."""
+    rng = np.random.default_rng(0)
+    for name, (h, w) in (("source", (733, 1001)), ("target", (787, 1164))):
+        cv2.imwrite(str(tmp_path / f"{name}.png"), rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+        np.savetxt(tmp_path / f"{name}.csv", np.c_[np.arange(1, 4), [[10, 20], [300, 400], [700, 600]]],
+                   delimiter=",", header=",X,Y", comments="", fmt=["%d", "%.1f", "%.1f"])
+    table = tmp_path / "table.csv"
+    table.write_text(",Source image,Source landmarks,Target image,Target landmarks,Image diagonal [pixels],"
+                     'Image size [pixels],status\n0,source.png,source.csv,target.png,target.csv,1405.1,"(787, 1164)",'
+                     "training\n")
+    out = tmp_path / "run"
+    _run(table, out)
+    rows = {r["method"]: r for r in _rows(out)}
+    np.testing.assert_array_equal(np.array(json.loads(rows["identity"]["matrix"])), np.eye(3))
+    src = read_landmarks(tmp_path / "source.csv")
+    err = np.linalg.norm(src - read_landmarks(tmp_path / "target.csv"), axis=1)
+    assert float(rows["identity"]["rtre_median"]) == pytest.approx(np.median(err) / 1405.1, rel=1e-12)
+    # a working-frame identity composed back is off by the rounding (what the frame flag avoids)
+    from bench.preprocess import prepare_pair
+
+    composed = prepare_pair(tmp_path / "source.png", tmp_path / "target.png", full=False).to_original(np.eye(3))
+    assert not np.allclose(composed, np.eye(3), rtol=0, atol=1e-6)
