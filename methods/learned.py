@@ -33,6 +33,7 @@ class LearnedParams:
     config: str = ""  # expected architecture ("paper", "compact"); "" = accept the file's
     passes: int = 1  # forward passes; each one after the first refines the previous warp (1 = the paper)
     threads: int = 1  # torch CPU threads during a call (0 = torch's default); 1: steady times on shared cores
+    guard: bool = False  # keep the preprocessing's alignment when the prediction lowers the training objective
 
 
 @register
@@ -71,6 +72,11 @@ class Learned(Method):
         fx = resize(np.where(fixed.mask, fixed.image, 0.0), fs)
         mv, fx = common_canvas(mv, fx)  # bottom/right zero padding: pixel coordinates unchanged
         net, theta = self._predict(mv, fx)
+        objective: dict[str, float] = {}
+        if self.params.guard:  # only then: the paper's method is the forward pass alone, and it is timed
+            objective = self._objective(mv, fx, net)
+            if objective["predicted"] < objective["identity"]:
+                net = np.eye(3)
         r_m = resample_matrix(ms[1] / moving.shape[1], ms[0] / moving.shape[0])
         r_f = resample_matrix(fs[1] / fixed.shape[1], fs[0] / fixed.shape[0])
         matrix = np.linalg.inv(r_f) @ net @ r_m
@@ -84,7 +90,32 @@ class Learned(Method):
             "theta": np.round(theta, 6).tolist(),
             "passes": self.params.passes,
             "weights": Path(self._weights).name,
+            **({"ncc_identity": round(objective["identity"], 5), "ncc_predicted": round(objective["predicted"], 5),
+                "kept_start": objective["predicted"] < objective["identity"]} if objective else {}),
         })
+
+    def _objective(self, moving: np.ndarray, fixed: np.ndarray, matrix: np.ndarray) -> dict[str, float]:
+        """The training objective (mean NCC over the 2x, 4x and 8x pooled images) at the identity and at
+        ``matrix`` (moving -> fixed pixels on the common canvas): a check the network cannot make itself."""
+        import torch
+        import torch.nn.functional as F
+
+        from bench.learning.model import matrix_to_theta, warp
+        from bench.learning.train import ncc
+
+        shape = fixed.shape
+        to = lambda a: torch.from_numpy(np.ascontiguousarray(a, np.float32))[None, None]  # noqa: E731
+        mv, fx = to(moving), to(fixed)
+        out = {}
+        with torch.inference_mode():
+            for key, m in (("identity", np.eye(3)), ("predicted", matrix)):
+                theta = torch.from_numpy(matrix_to_theta(m, shape, shape)).float()[None]
+                vals = []
+                for k in (2, 4, 8):
+                    a, b = F.avg_pool2d(mv, k, ceil_mode=True), F.avg_pool2d(fx, k, ceil_mode=True)
+                    vals.append(float(ncc(warp(a, theta, tuple(b.shape[-2:])), b)))
+                out[key] = float(np.mean(vals))
+        return out
 
     def _predict(self, moving: np.ndarray, fixed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Pixel matrix (3x3, moving -> fixed) on one common ``(H, W)`` canvas, and the last ``theta``."""

@@ -183,3 +183,24 @@ def test_augmentation_moves_images_and_landmarks_alike(crop):
             y, x = np.unravel_index(np.argmax(arr), arr.shape)
             expected = geometry.apply(a, point)[0]
             assert np.hypot(x - expected[0], y - expected[1]) <= 1.5, (seed, (x, y), expected)
+
+
+def test_guard_keeps_the_start_when_the_prediction_lowers_the_objective(tmp_path):
+    """A network that always predicts a large shift: guarded, the method returns the identity instead."""
+    import torch
+
+    from bench.methods.learned import Learned
+
+    net = M.build_model("compact")
+    with torch.no_grad():
+        net.out.bias.copy_(torch.tensor([1.0, 0.0, 0.3, 0.0, 1.0, 0.0]))  # a constant 15 % shift
+    path = M.save_weights(net, tmp_path / "shift.pt", {"data": {"input_size": 128}})
+    rng = np.random.default_rng(0)
+    img = cv2.GaussianBlur(rng.random((120, 160)).astype(np.float32), (0, 0), 2.0)
+    view = ImageView(img, np.ones(img.shape, bool), None)
+    plain = Learned(weights=str(path)).estimate(view, view, Context())
+    guarded = Learned(weights=str(path), guard=True).estimate(view, view, Context())
+    assert abs(plain.matrix[0, 2]) > 5  # the bad prediction itself
+    np.testing.assert_allclose(guarded.matrix, np.eye(3), atol=1e-9)
+    d = guarded.diagnostics
+    assert d["kept_start"] and d["ncc_predicted"] < d["ncc_identity"]
