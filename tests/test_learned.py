@@ -188,7 +188,6 @@ def test_augmentation_moves_images_and_landmarks_alike(crop):
 def test_guard_keeps_the_start_when_the_prediction_lowers_the_objective(tmp_path):
     """A network that always predicts a large shift: guarded, the method returns the identity instead."""
     import torch
-
     from bench.methods.learned import Learned
 
     net = M.build_model("compact")
