@@ -207,6 +207,8 @@ class AugmentConfig:
     gamma_range: tuple[float, float] = (1.0, 1.0)  # per image: tissue intensities raised to a power in this range
     blur_probability: float = 0.0  # per image: chance of a Gaussian blur (a stain that shows no fine texture)
     blur_sigma: tuple[float, float] = (1.0, 3.0)  # its sigma range, network-input pixels
+    swap_probability: float = 0.0  # chance of giving the moving image another section's fine texture
+    swap_sigma: float = 2.0  # the fine band swapped: the image minus its Gaussian blur of this sigma (pixels)
 
 
 def random_matrix(rng: np.random.Generator, shape: tuple[int, int], cfg: AugmentConfig) -> np.ndarray:
@@ -239,7 +241,8 @@ def _warp_np(image: np.ndarray, matrix: np.ndarray) -> torch.Tensor:
     return warp(t, theta, image.shape)
 
 
-def to_tensors(pair: CachedPair, rng: np.random.Generator | None, cfg: AugmentConfig | None = None):
+def to_tensors(pair: CachedPair, rng: np.random.Generator | None, cfg: AugmentConfig | None = None,
+               others: list[CachedPair] | None = None):
     """Network inputs for one pair, augmented when ``rng`` is given.
 
     Returns
@@ -251,6 +254,8 @@ def to_tensors(pair: CachedPair, rng: np.random.Generator | None, cfg: AugmentCo
     cfg = cfg or AugmentConfig()
     mv = np.where(pair.moving_mask, pair.moving, 0.0)
     fx = np.where(pair.fixed_mask, pair.fixed, 0.0)
+    if rng is not None and others and cfg.swap_probability > 0 and rng.random() < cfg.swap_probability:
+        mv = swap_texture(mv, pair.moving_mask, others[int(rng.integers(len(others)))].fixed, cfg.swap_sigma)
     mv, fx = common_canvas(mv, fx)
     if rng is None:
         return (torch.from_numpy(mv.astype(np.float32))[None, None],
@@ -265,6 +270,18 @@ def to_tensors(pair: CachedPair, rng: np.random.Generator | None, cfg: AugmentCo
     a_m = random_matrix(rng, m_shape, cfg) @ shift
     a_f = random_matrix(rng, f_shape, cfg) @ shift
     return _warp_np(mv, a_m @ np.linalg.inv(shift)), _warp_np(fx, a_f @ np.linalg.inv(shift)), (a_m, a_f)
+
+
+def swap_texture(image: np.ndarray, mask: np.ndarray, other: np.ndarray, sigma: float) -> np.ndarray:
+    """``image`` with its fine band (image minus its blur) replaced by that of ``other`` (resized to fit).
+
+    Two consecutive real sections share the tissue's layout but not its cells: this keeps the coarse
+    structure of ``image`` and puts another section's fine texture on it (inside ``mask``; 0 outside).
+    """
+    o = cv2.resize(np.asarray(other, np.float32), image.shape[::-1], interpolation=cv2.INTER_AREA)
+    coarse = cv2.GaussianBlur(np.asarray(image, np.float32), (0, 0), sigma)
+    fine = o - cv2.GaussianBlur(o, (0, 0), sigma)
+    return np.where(mask, np.clip(coarse + fine, 1e-3, None), 0.0).astype(np.float32)
 
 
 def restain(rng: np.random.Generator, image: np.ndarray, cfg: AugmentConfig) -> np.ndarray:

@@ -65,6 +65,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="per-image gamma of the tissue intensities (a stain's non-linear response)")
     g.add_argument("--blur-probability", type=float, default=0.0,
                    help="per-image chance of a Gaussian blur (a stain without fine texture)")
+    g.add_argument("--swap-probability", type=float, default=0.0,
+                   help="chance of giving the source another section's fine texture (consecutive sections)")
+    g.add_argument("--swap-sigma", type=float, default=2.0, help="scale of the swapped fine band, input pixels")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     g.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -139,7 +142,7 @@ def train_epoch(model, opt, pairs, rng, args, aug, progress=None, task=None) -> 
     losses = []
     order = rng.permutation(len(pairs))
     for i, idx in enumerate(order):
-        mv, fx, _ = D.to_tensors(pairs[idx], rng, aug)
+        mv, fx, _ = D.to_tensors(pairs[idx], rng, aug, others=pairs)
         loss, _ = pair_loss(model, mv.to(args.device), fx.to(args.device), args.loss, args.loss_pool)
         (loss / args.real_batch).backward()
         losses.append(float(loss.detach()))
@@ -158,7 +161,7 @@ def evaluate(model, pairs, seed: int, args, aug) -> dict[str, float]:
     losses, before, after = [], [], []
     for k, pair in enumerate(pairs):
         rng = np.random.default_rng([seed, k])
-        mv, fx, (a_m, a_f) = D.to_tensors(pair, rng, aug)
+        mv, fx, (a_m, a_f) = D.to_tensors(pair, rng, aug, others=pairs)
         loss, theta = pair_loss(model, mv.to(args.device), fx.to(args.device), args.loss, args.loss_pool)
         losses.append(float(loss))
         if pair.moving_points is not None:
@@ -236,7 +239,8 @@ def augment_config(args: argparse.Namespace) -> D.AugmentConfig:
     return D.AugmentConfig(max_rotation_deg=args.max_rotation, scale_range=tuple(args.scale_range),
                            max_shear=args.max_shear, max_translation_frac=args.max_translation,
                            crop_probability=args.crop_probability, crop_range=tuple(args.crop_range),
-                           gamma_range=tuple(args.gamma_range), blur_probability=args.blur_probability)
+                           gamma_range=tuple(args.gamma_range), blur_probability=args.blur_probability,
+                           swap_probability=args.swap_probability, swap_sigma=args.swap_sigma)
 
 
 def _git_commit() -> str:
