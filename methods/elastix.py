@@ -23,8 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
-from bench.methods._features import alignment_evidence, matrix_problem
-from bench.methods.iterative import IterativeParams, dilated, keep_better_start, tissue_centre
+from bench.methods.iterative import IterativeParams, checked_estimate, dilated, tissue_centre
 
 from bench import Context, Estimate, ImageView, Method, RegistrationFailed, register
 
@@ -160,16 +159,4 @@ class Elastix(Method):
         start = _full_metric(ip, f_img, m_img, sitk.AffineTransform(2), mask)
         end = _full_metric(ip, f_img, m_img, result, mask)
         diag.update(metric="mattes", metric_start=start, metric_end=end)
-        info = f"(Mattes MI {start:.4f} -> {end:.4f})"
-        matrix = keep_better_start(matrix, diag)
-        problem = matrix_problem(matrix, p.min_scale, p.max_scale, p.max_anisotropy)
-        if problem:
-            raise RegistrationFailed(f"{problem} {info}")
-        ev = alignment_evidence(fixed.image, fixed.mask, moving.image, moving.mask, matrix, p.evidence_sigma)
-        diag.update({f"evidence_{k}": round(v, 4) for k, v in ev.items()})
-        if ev["contrast"] < p.min_evidence:
-            raise RegistrationFailed(
-                f"no shared structure after alignment: band-pass MI {ev['mi']:.4f} vs {ev['mi_shifted']:.4f} "
-                f"when shifted (contrast {ev['contrast']:.2f} < {p.min_evidence}) {info}"
-            )
-        return Estimate(matrix, diag)
+        return checked_estimate(fixed, moving, matrix, diag, p, f"(Mattes MI {start:.4f} -> {end:.4f})")

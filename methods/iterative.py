@@ -270,21 +270,30 @@ class Iterative(Method):
         return self._checked(fixed, moving, np.linalg.inv(sitk_affine_to_matrix(tx)), diag)
 
     def _checked(self, fixed: ImageView, moving: ImageView, matrix: np.ndarray, diag: dict) -> Estimate:
-        """Keep the better of start and result; raise RegistrationFailed for a degenerate matrix or no shared structure."""
-        p: IterativeParams = self.params
         info = f"(stop: {diag['stop_condition']}; metric {diag['metric_start']:.4f} -> {diag['metric_end']:.4f})"
-        matrix = keep_better_start(matrix, diag)
-        problem = matrix_problem(matrix, p.min_scale, p.max_scale, p.max_anisotropy)
-        if problem:
-            raise RegistrationFailed(f"{problem} {info}")
-        ev = alignment_evidence(fixed.image, fixed.mask, moving.image, moving.mask, matrix, p.evidence_sigma)
-        diag.update({f"evidence_{k}": round(v, 4) for k, v in ev.items()})
-        if ev["contrast"] < p.min_evidence:
-            raise RegistrationFailed(
-                f"no shared structure after alignment: band-pass MI {ev['mi']:.4f} vs {ev['mi_shifted']:.4f} "
-                f"when shifted (contrast {ev['contrast']:.2f} < {p.min_evidence}) {info}"
-            )
-        return Estimate(matrix, diag)
+        return checked_estimate(fixed, moving, matrix, diag, self.params, info)
+
+
+def checked_estimate(fixed: ImageView, moving: ImageView, matrix: np.ndarray, diag: dict, p: Any,
+                     info: str) -> Estimate:
+    """The intensity-based methods' ending: keep the better of start and result (:func:`keep_better_start`),
+    then raise RegistrationFailed for a degenerate matrix or no shared structure after alignment.
+
+    ``p`` has ``min_scale``, ``max_scale``, ``max_anisotropy``, ``min_evidence`` and ``evidence_sigma``;
+    ``info`` ends every failure message.
+    """
+    matrix = keep_better_start(matrix, diag)
+    problem = matrix_problem(matrix, p.min_scale, p.max_scale, p.max_anisotropy)
+    if problem:
+        raise RegistrationFailed(f"{problem} {info}")
+    ev = alignment_evidence(fixed.image, fixed.mask, moving.image, moving.mask, matrix, p.evidence_sigma)
+    diag.update({f"evidence_{k}": round(v, 4) for k, v in ev.items()})
+    if ev["contrast"] < p.min_evidence:
+        raise RegistrationFailed(
+            f"no shared structure after alignment: band-pass MI {ev['mi']:.4f} vs {ev['mi_shifted']:.4f} "
+            f"when shifted (contrast {ev['contrast']:.2f} < {p.min_evidence}) {info}"
+        )
+    return Estimate(matrix, diag)
 
 
 def keep_better_start(matrix: np.ndarray, diag: dict) -> np.ndarray:
