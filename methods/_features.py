@@ -35,6 +35,7 @@ class MatchParams:
 
     ratio: float = 0.9  # Lowe's ratio test among the gated candidates: keep a match if d1 < ratio * d2
     mutual: bool = False  # keep only mutual nearest neighbours as well
+    one_to_one: bool = False  # a fixed keypoint keeps only its closest match (against collapsed fits)
     estimator: Literal["magsac", "ransac"] = "magsac"
     reproj_threshold: float = 5.0  # inlier threshold, working-frame pixels
     max_iters: int = 10000
@@ -172,6 +173,7 @@ def match_descriptors(
     ratio: float,
     mutual: bool,
     allowed: np.ndarray | None = None,
+    one_to_one: bool = False,
 ) -> np.ndarray:
     """Ratio-test matches of moving descriptors to fixed ones.
 
@@ -186,6 +188,9 @@ def match_descriptors(
         Also require the fixed descriptor's nearest (allowed) moving descriptor to be the same one.
     allowed : (N, M) uint8 array, optional
         Candidate mask (:func:`gate_mask`); None allows every pair.
+    one_to_one : bool
+        Keep at most one match per fixed keypoint (the closest). Many moving keypoints matched to one fixed
+        keypoint let a collapsed affine (everything mapped near one point) collect many "inliers".
 
     Returns
     -------
@@ -197,13 +202,16 @@ def match_descriptors(
         return np.empty((0, 2), dtype=int)
     matcher = cv2.BFMatcher(cv2.NORM_L2)
     knn = matcher.knnMatch(dm, df, k=2, mask=allowed) if allowed is not None else matcher.knnMatch(dm, df, k=2)
-    pairs = []
+    pairs, dist = [], []
     for k in knn:
-        if len(k) == 2 and k[0].distance < ratio * k[1].distance:
+        if (len(k) == 2 and k[0].distance < ratio * k[1].distance) or (len(k) == 1 and ratio >= 1):
             pairs.append((k[0].queryIdx, k[0].trainIdx))
-        elif len(k) == 1 and ratio >= 1:
-            pairs.append((k[0].queryIdx, k[0].trainIdx))
+            dist.append(k[0].distance)
     idx = np.array(pairs, dtype=int).reshape(-1, 2)
+    if one_to_one and len(idx):  # a fixed keypoint keeps only its closest moving match
+        order = np.argsort(np.asarray(dist), kind="stable")
+        _, first = np.unique(idx[order, 1], return_index=True)
+        idx = idx[np.sort(order[first])]
     if mutual and len(idx):
         mask_t = None if allowed is None else np.ascontiguousarray(allowed.T)
         back_knn = matcher.knnMatch(df, dm, k=1, mask=mask_t) if mask_t is not None else matcher.knnMatch(df, dm, k=1)
@@ -365,7 +373,7 @@ def register_features(
     allowed = gate_mask(kp_m, kp_f, radius)
     if compatible is not None:  # detector-specific pairing rules (orientation, blob polarity ...)
         allowed = compatible if allowed is None else allowed & compatible
-    idx = match_descriptors(desc_moving, desc_fixed, p.ratio, p.mutual, allowed)
+    idx = match_descriptors(desc_moving, desc_fixed, p.ratio, p.mutual, allowed, p.one_to_one)
     diag["matches"] = int(len(idx))
 
     def fail(reason: str) -> RegistrationFailed:
@@ -386,32 +394,50 @@ def register_features(
     diag.update(inliers=n_in, inlier_ratio=round(n_in / len(idx), 4),
                 log10_nfa=round(float(np.log10(max(nfa(len(idx), n_in, p.reproj_threshold, area, p.max_iters),
                                                     1e-300))), 2))
+    log_nfa = diag["log10_nfa"]
+
+    def usable(m: np.ndarray | None, inliers: int, log10_nfa: float) -> str | None:
+        """Why a fit cannot be the answer, or None."""
+        if m is None or not np.all(np.isfinite(m)):
+            return "robust estimation found no affine model"
+        if inliers < p.min_inliers:
+            return f"too few inliers: {inliers} < {p.min_inliers}"
+        if 10.0**log10_nfa > p.max_nfa:
+            return f"inliers could be chance: NFA 10^{log10_nfa} > {p.max_nfa}"
+        return matrix_problem(m, p.min_scale, p.max_scale, p.max_anisotropy)
+
+    first_problem = usable(matrix, n_in, log_nfa)
+    if first_problem is None and diag["inliers"] / len(idx) < p.min_inlier_ratio:
+        first_problem = f"inlier ratio {diag['inliers'] / len(idx):.3f} < {p.min_inlier_ratio}"
+    guided_problem = "guided matching off"
     if p.guided_gate > 0 and n_in >= 3:
-        # guided matching: search again, only near where the first fit puts each moving keypoint
+        # guided matching: search again, only near where the first fit puts each moving keypoint. After an
+        # accepted first fit the guided fit refines it when it explains more matches; after a refused one it
+        # may rescue it, but only if its own NFA test (in the small guided discs, where chance agreement is
+        # far likelier) passes: true near a right first fit, false around a wrong one.
         g_radius = p.guided_gate * diagonal
         predicted = cv2.transform(kp_m.reshape(-1, 1, 2), matrix).reshape(-1, 2)
         g_allowed = gate_mask(predicted, kp_f, g_radius)
         if compatible is not None:
             g_allowed &= compatible
-        g_idx = match_descriptors(desc_moving, desc_fixed, p.ratio, p.mutual, g_allowed)
+        g_idx = match_descriptors(desc_moving, desc_fixed, p.ratio, p.mutual, g_allowed, p.one_to_one)
         if len(g_idx) >= 3:
             g_matrix, g_inliers = estimate_affine(kp_m[g_idx[:, 0]], kp_f[g_idx[:, 1]], p, seed)
             g_in = int(g_inliers.sum())
             g_nfa = nfa(len(g_idx), g_in, p.reproj_threshold, np.pi * g_radius * g_radius, p.max_iters)
-            diag.update(guided_matches=int(len(g_idx)), guided_inliers=g_in)
-            if g_matrix is not None and np.all(np.isfinite(g_matrix)) and g_in > n_in:
-                # the guided search's own test assumes the first fit; the first fit's test stays the gate
-                matrix, n_in = g_matrix, g_in
-                diag.update(guided=True, guided_log10_nfa=round(float(np.log10(max(g_nfa, 1e-300))), 2))
-    if n_in < p.min_inliers:
-        raise fail(f"too few inliers: {n_in} < {p.min_inliers}")
-    if diag["inliers"] / len(idx) < p.min_inlier_ratio:
-        raise fail(f"inlier ratio {diag['inliers'] / len(idx):.3f} < {p.min_inlier_ratio}")
-    if 10.0 ** diag["log10_nfa"] > p.max_nfa:
-        raise fail(f"inliers could be chance: NFA 10^{diag['log10_nfa']} > {p.max_nfa}")
-    problem = matrix_problem(matrix, p.min_scale, p.max_scale, p.max_anisotropy)
-    if problem:
-        raise fail(problem)
+            g_log = round(float(np.log10(max(g_nfa, 1e-300))), 2)
+            diag.update(guided_matches=int(len(g_idx)), guided_inliers=g_in, guided_log10_nfa=g_log)
+            if first_problem is None:  # a refinement of an accepted fit: taken when it explains more matches
+                guided_problem = usable(g_matrix, g_in, -np.inf)
+                if guided_problem is None and g_in <= n_in:
+                    guided_problem = "no more inliers than the first fit"
+            else:  # a rescue of a refused fit: only on its own strong evidence
+                guided_problem = usable(g_matrix, g_in, g_log)
+            if guided_problem is None:
+                matrix = g_matrix
+    diag["guided"] = guided_problem is None
+    if guided_problem is not None and first_problem is not None:
+        raise fail(first_problem)  # else the guided fit, or the first one when the guided search failed
     if p.min_evidence > 0 and views is not None:
         fixed, moving = views
         ev = alignment_evidence(fixed.image, fixed.mask, moving.image, moving.mask, matrix, p.evidence_sigma)

@@ -34,6 +34,9 @@ class SurfParams(MatchParams):
     # SURF's box-filter scale space smooths already: a light pre-blur only (1.5, sift's, halved the inliers
     # of mahotas SURF on generated pairs scaled by 0.8; docs/classical.md)
     blur: float = 0.5
+    # one match per fixed keypoint: SURF's weaker descriptors gave many-to-one matches that a collapsed affine
+    # "explains" (docs/classical.md); on the hardest generated set 16/24 vs 15/24 successes
+    one_to_one: bool = True
     backend: Literal["auto", "opencv", "mahotas"] = "auto"  # auto: OpenCV if it has SURF, else mahotas
     hessian_threshold: float = 100.0  # OpenCV: minimum Hessian response
     max_points: int = 5000  # mahotas: strongest N points per image (OpenCV: keep the strongest N)
@@ -97,6 +100,49 @@ def detect_surf_mahotas(image: np.ndarray, mask: np.ndarray | None, p: SurfParam
     return pts, desc
 
 
+def upright_surf_descriptors(image: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """U-SURF descriptors (Bay et al. 2008, section 4.1 without the orientation step) of (N, 3) ``(y, x, s)``.
+
+    Around each point, a ``20 s`` square split into 4 x 4 sub-regions of 5 x 5 samples spaced ``s``; at
+    every sample the Haar wavelet responses ``dx``, ``dy`` of side ``2 s`` (box sums on an integral image),
+    weighted by a Gaussian of ``3.3 s`` about the point; per sub-region ``sum dx, sum dy, sum |dx|,
+    sum |dy|``; the 64-vector normalised to unit length. Samples outside the image read the border.
+    mahotas has the detector but always orients its descriptors; this is the descriptor without that step,
+    for images whose rotation the shared preprocessing has already removed.
+
+    Returns
+    -------
+    (N, 64) float32 array
+    """
+    img = np.asarray(image, dtype=np.float64)
+    h, w = img.shape
+    ii = np.zeros((h + 1, w + 1))
+    ii[1:, 1:] = img.cumsum(0).cumsum(1)
+    if len(points) == 0:
+        return np.empty((0, 64), np.float32)
+    y, x, sc = (np.asarray(points, np.float64)[:, k, None, None] for k in range(3))
+    k = np.arange(20) - 9.5  # sample offsets in units of s
+    # round half up (not to even), so that a shifted image gives the same samples
+    ys = np.floor(y + k[None, :, None] * sc + 0.5).astype(np.int64)  # (N, 20, 1)
+    xs = np.floor(x + k[None, None, :] * sc + 0.5).astype(np.int64)  # (N, 1, 20)
+    half = np.maximum(1, np.floor(sc + 0.5)).astype(np.int64)  # Haar side 2 s
+
+    def box(y0, x0, y1, x1):
+        y0, y1 = np.clip(y0, 0, h), np.clip(y1, 0, h)
+        x0, x1 = np.clip(x0, 0, w), np.clip(x1, 0, w)
+        return ii[y1, x1] - ii[y0, x1] - ii[y1, x0] + ii[y0, x0]
+
+    dx = box(ys - half, xs, ys + half, xs + half) - box(ys - half, xs - half, ys + half, xs)
+    dy = box(ys, xs - half, ys + half, xs + half) - box(ys - half, xs - half, ys, xs + half)
+    g = np.exp(-(k[:, None] ** 2 + k[None, :] ** 2) / (2 * 3.3**2))[None]  # sigma 3.3 s, in units of s
+    dx, dy = dx * g, dy * g
+    n = len(points)
+    parts = [a.reshape(n, 4, 5, 4, 5).sum(axis=(2, 4)) for a in (dx, dy, np.abs(dx), np.abs(dy))]
+    desc = np.stack(parts, axis=-1).reshape(n, 64)
+    norm = np.linalg.norm(desc, axis=1, keepdims=True)
+    return (desc / np.maximum(norm, 1e-12)).astype(np.float32)
+
+
 def detect_surf_mahotas_oriented(image: np.ndarray, mask: np.ndarray | None,
                                  p: SurfParams) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """mahotas SURF keypoints (N, 2) as (x, y), 64-D descriptors (N, 64), orientations (N,) in degrees and
@@ -104,18 +150,23 @@ def detect_surf_mahotas_oriented(image: np.ndarray, mask: np.ndarray | None,
 
     mahotas returns rows ``(y, x, scale, score, laplacian, angle, d0..d63)``; points outside the mask are
     dropped (mahotas has no detection mask; the background is flat, so it yields few points anyway).
-    mahotas always assigns an orientation: ``p.upright`` has no effect on this backend.
+    mahotas always orients its own descriptors: with ``p.upright`` its detector is used with
+    :func:`upright_surf_descriptors` instead.
     """
     import mahotas.features.surf as msurf
 
-    rows = msurf.surf(
-        image.astype(np.float64),
-        nr_octaves=p.n_octaves,
-        nr_scales=p.n_scales,
-        threshold=p.mahotas_threshold,
-        max_points=p.max_points,
-        descriptor_only=False,
-    )
+    f = image.astype(np.float64)
+    if p.upright:  # mahotas' detector, the U-SURF descriptor (upright_surf_descriptors)
+        rows = msurf.interest_points(f, nr_octaves=p.n_octaves, nr_scales=p.n_scales,
+                                     threshold=p.mahotas_threshold, max_points=p.max_points)
+        if len(rows) == 0:
+            return np.empty((0, 2)), np.empty((0, 64), np.float32), np.empty(0), np.empty(0)
+        points = rows[:, [1, 0]].astype(np.float64)
+        keep = _in_mask(points, mask)
+        desc = upright_surf_descriptors(f, rows[keep][:, :3])
+        return points[keep], desc, np.zeros(int(keep.sum())), np.sign(rows[keep, 4])
+    rows = msurf.surf(f, nr_octaves=p.n_octaves, nr_scales=p.n_scales, threshold=p.mahotas_threshold,
+                      max_points=p.max_points, descriptor_only=False)
     if len(rows) == 0:
         return np.empty((0, 2)), np.empty((0, 64), np.float32), np.empty(0), np.empty(0)
     points = rows[:, [1, 0]].astype(np.float64)
@@ -163,9 +214,9 @@ class Surf(Method):
         if len(kp_f) < 3 or len(kp_m) < 3:
             raise RegistrationFailed(f"too few SURF keypoints (fixed {len(kp_f)}, moving {len(kp_m)}; {backend})")
         diagonal = float(np.hypot(*fixed.shape))
-        extra = {"backend": backend, "upright": bool(p.upright and backend == "opencv")}
+        extra = {"backend": backend, "upright": bool(p.upright)}
         compatible = None
-        if p.max_turn < 180 and not (backend == "opencv" and p.upright):
+        if p.max_turn < 180 and not p.upright:
             compatible = orientation_compatible(ang_m, ang_f, p.max_turn)
         if p.same_polarity:
             same = (lap_m[:, None] == lap_f[None, :]).astype(np.uint8)

@@ -189,3 +189,30 @@ def test_alignment_evidence_separates_aligned_from_shifted(pairs):
     off = geometry.translation(25, 0) @ truth
     bad = _features.alignment_evidence(fixed.image, fixed.mask, moving.image, moving.mask, off)
     assert good["contrast"] > 1.5 > bad["contrast"]
+
+
+def test_upright_surf_descriptors_follow_a_shift_and_tell_points_apart():
+    from bench.methods.surf import upright_surf_descriptors
+
+    rng = np.random.default_rng(1)
+    img = cv2.GaussianBlur(rng.random((200, 240)), (0, 0), 2.0) * 255
+    pts = np.array([[60.0, 70.0, 2.0], [100.0, 120.0, 3.0], [140.0, 90.0, 2.5]])  # (y, x, scale)
+    d = upright_surf_descriptors(img, pts)
+    assert d.shape == (3, 64) and np.allclose(np.linalg.norm(d, axis=1), 1.0)
+    shifted = np.roll(img, (9, -6), axis=(0, 1))  # content moves by (+9, -6); these points stay inside
+    d2 = upright_surf_descriptors(shifted, pts + [9.0, -6.0, 0.0])
+    np.testing.assert_allclose(d2, d, atol=1e-6)
+    assert np.linalg.norm(d[0] - d[1]) > 0.3  # different places, different descriptors
+    turned = np.ascontiguousarray(np.rot90(img))  # upright: no invariance to a 90-degree turn
+    y, x = pts[0, 0], pts[0, 1]
+    d3 = upright_surf_descriptors(turned, np.array([[img.shape[1] - 1 - x, y, 2.0]]))
+    assert np.linalg.norm(d3[0] - d[0]) > 0.3
+
+
+def test_one_to_one_matching_keeps_the_closest_match_per_fixed_keypoint():
+    fixed = np.array([[0.0, 0.0], [10.0, 10.0], [20.0, 0.0]], np.float32)
+    moving = np.array([[0.1, 0.0], [0.5, 0.0], [10.0, 10.2]], np.float32)  # two near fixed 0
+    many = _features.match_descriptors(moving, fixed, ratio=0.9, mutual=False)
+    assert sorted(many[:, 1].tolist()) == [0, 0, 1]
+    one = _features.match_descriptors(moving, fixed, ratio=0.9, mutual=False, one_to_one=True)
+    assert sorted(map(tuple, one.tolist())) == [(0, 0), (2, 1)]
