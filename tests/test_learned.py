@@ -105,7 +105,7 @@ def test_training_steps_lower_the_loss():
         loss.backward()
         opt.step()
     last, _ = pair_loss(model, mv, fx)
-    assert float(last) < float(first) - 1e-3
+    assert float(last.detach()) < float(first.detach()) - 1e-3
 
 
 def test_save_load_round_trip_and_wrong_architecture(tmp_path, compact):
