@@ -262,14 +262,11 @@ def _nonblank_png(path: Path) -> bool:
     return img is not None and img.shape[0] > 50 and float(img.std()) > 5
 
 
+PLOTS = ("figure2_cdf", "success_vs_threshold", "pairs_rtre", "accuracy_vs_time", "success_per_tissue")
+
+
 def test_every_plot_is_written_as_png_and_svg(report):
-    for stem in (
-        "figure2_cdf",
-        "success_vs_threshold",
-        "pairs_rtre",
-        "accuracy_vs_time",
-        "success_per_tissue",
-    ):
+    for stem in PLOTS:
         assert _nonblank_png(report.parent / "figures" / f"{stem}.png"), stem
         assert "<svg" in (report.parent / "figures" / f"{stem}.svg").read_text()[:2000]
 
@@ -512,13 +509,7 @@ def check_report_against_results(run: Path, report_dir: Path) -> pd.DataFrame:
     html_text = (report_dir / "report.html").read_text()
     assert all(f'<section id="{sid}">' in html_text for sid in page.SECTIONS)
     assert "recomputed median rTRE differs" not in html_text
-    for stem in (
-        "figure2_cdf",
-        "success_vs_threshold",
-        "pairs_rtre",
-        "accuracy_vs_time",
-        "success_per_tissue",
-    ):
+    for stem in PLOTS:
         assert _nonblank_png(report_dir / "figures" / f"{stem}.png"), stem
     assert len(list((report_dir / "gallery").glob("worst_*.png"))) == results["method"].nunique()
     return table
