@@ -180,6 +180,8 @@ def _pack(p: PreparedPair) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     for role, view in (("fixed", p.fixed), ("moving", p.moving)):
         arrays[f"{role}_rgb"] = view.rgb
         arrays[f"{role}_mask"] = np.packbits(view.mask, axis=None)
+        if view.valid is not None:
+            arrays[f"{role}_valid"] = np.packbits(view.valid, axis=None)
     meta = {
         "source_scale": list(p.source_scale),
         "target_scale": list(p.target_scale),
@@ -197,7 +199,10 @@ def _unpack(meta: dict[str, Any], arrays: dict[str, np.ndarray], params: Preproc
         rgb = arrays[f"{role}_rgb"]
         h, w = rgb.shape[:2]
         mask = np.unpackbits(arrays[f"{role}_mask"], count=h * w).reshape(h, w).view(bool)
-        views[role] = view_from(rgb, mask, diag.get(f"glass_level_{role}", 0.0), params)
+        valid = arrays.get(f"{role}_valid")
+        if valid is not None:
+            valid = np.unpackbits(valid, count=h * w).reshape(h, w).view(bool)
+        views[role] = view_from(rgb, mask, diag.get(f"glass_level_{role}", 0.0), params, valid)
     return PreparedPair(
         fixed=views["fixed"],
         moving=views["moving"],

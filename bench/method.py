@@ -40,11 +40,16 @@ class ImageView:
         Tissue mask (all True when the method does not use the shared preprocessing).
     rgb : (H, W, 3) uint8 array or None
         The colour image in the same frame, for methods that want colour.
+    valid : (H, W) bool array or None
+        Field of view: where the image has data. The preprocessing sets it on the moving image (the
+        source's frame after the initial transform; outside it the image is filled, not scanned);
+        ``None`` means everywhere. Tissue cut by a frame edge ends there, and that edge is not an outline.
     """
 
     image: np.ndarray
     mask: np.ndarray
     rgb: np.ndarray | None = None
+    valid: np.ndarray | None = None
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -48,7 +48,7 @@ __all__ = [
     "view_from",
 ]
 
-STAGE_VERSION = "1.0"
+STAGE_VERSION = "1.1"  # 1.1: the moving view carries its field of view (ImageView.valid)
 
 
 @dataclass(frozen=True)
@@ -710,15 +710,18 @@ def rotation_search(
 
 def _warp_moving(rgb: np.ndarray, mask: np.ndarray, matrix: np.ndarray, shape: tuple[int, int],
                  glass: tuple[float, float, float], params: PreprocessParams) -> ImageView:
-    """The moving view in the target's frame: colour (bilinear, glass outside) and mask (nearest)."""
+    """The moving view in the target's frame: colour (bilinear, glass outside), mask and field of view (nearest)."""
     h, w = shape
     border = tuple(int(round(v)) for v in glass)
     moved_rgb = cv2.warpAffine(rgb, matrix[:2], (w, h), flags=cv2.INTER_LINEAR, borderValue=border)
     moved_mask = cv2.warpAffine(mask.view(np.uint8), matrix[:2], (w, h), flags=cv2.INTER_NEAREST, borderValue=0)
-    return view_from(moved_rgb, moved_mask.view(bool), _glass_level(glass, params), params)
+    valid = cv2.warpAffine(np.ones(rgb.shape[:2], np.uint8), matrix[:2], (w, h), flags=cv2.INTER_NEAREST,
+                           borderValue=0)
+    return view_from(moved_rgb, moved_mask.view(bool), _glass_level(glass, params), params, valid.view(bool))
 
 
-def view_from(rgb: np.ndarray, mask: np.ndarray, glass_level: float, params: PreprocessParams) -> ImageView:
+def view_from(rgb: np.ndarray, mask: np.ndarray, glass_level: float, params: PreprocessParams,
+              valid: np.ndarray | None = None) -> ImageView:
     """An :class:`ImageView` from its colour image and mask: the one place the float image is made.
 
     Parameters
@@ -726,9 +729,12 @@ def view_from(rgb: np.ndarray, mask: np.ndarray, glass_level: float, params: Pre
     rgb : (H, W, 3) uint8
     mask : (H, W) bool (all True: nothing is masked)
     glass_level : inverted gray level of the background, subtracted (0: none)
+    valid : (H, W) bool field of view, or None (everywhere; also when it is all True)
     """
     masked = None if mask.all() else mask
-    return ImageView(image=gray_inverted(rgb, params.smoothing_sigma, masked, glass_level), mask=mask, rgb=rgb)
+    valid = None if valid is None or valid.all() else valid
+    return ImageView(image=gray_inverted(rgb, params.smoothing_sigma, masked, glass_level), mask=mask, rgb=rgb,
+                     valid=valid)
 
 
 def _glass_level(glass, params: PreprocessParams) -> float:

@@ -34,6 +34,7 @@ class LearnedParams:
     passes: int = 1  # forward passes; each one after the first refines the previous warp (1 = the paper)
     threads: int = 1  # torch CPU threads during a call (0 = torch's default); 1: steady times on shared cores
     guard: bool = False  # keep the preprocessing's alignment when the prediction lowers the training objective
+    fov: bool = True  # cut both inputs to their common field of view (frame edges are not tissue outlines)
 
 
 @register
@@ -63,7 +64,7 @@ class Learned(Method):
             torch.use_deterministic_algorithms(True, warn_only=True)
 
     def estimate(self, fixed: ImageView, moving: ImageView, context: Context) -> Estimate:
-        from bench.learning.data import common_canvas, input_scales, resize
+        from bench.learning.data import common_canvas, common_view, input_scales, resize
 
         if not hasattr(self, "_model"):
             self.prepare(context)
@@ -71,6 +72,11 @@ class Learned(Method):
         mv = resize(np.where(moving.mask, moving.image, 0.0), ms)
         fx = resize(np.where(fixed.mask, fixed.image, 0.0), fs)
         mv, fx = common_canvas(mv, fx)  # bottom/right zero padding: pixel coordinates unchanged
+        if self.params.fov:  # as in training: both inputs get the same frame edges
+            views = [np.ones(s, bool) if v.valid is None else resize(v.valid, s)
+                     for v, s in ((moving, ms), (fixed, fs))]
+            common = common_view(*common_canvas(*views))
+            mv, fx = mv * common, fx * common
         net, theta = self._predict(mv, fx)
         objective: dict[str, float] = {}
         if self.params.guard:  # only then: the paper's method is the forward pass alone, and it is timed

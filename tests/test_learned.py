@@ -203,3 +203,98 @@ def test_guard_keeps_the_start_when_the_prediction_lowers_the_objective(tmp_path
     np.testing.assert_allclose(guarded.matrix, np.eye(3), atol=1e-9)
     d = guarded.diagnostics
     assert d["kept_start"] and d["ncc_predicted"] < d["ncc_identity"]
+
+
+def test_common_view_is_the_intersection_less_a_rim():
+    from bench.learning.data import common_view
+
+    a = np.zeros((40, 50), bool)
+    a[5:35, 10:45] = True
+    b = np.zeros((40, 50), bool)
+    b[0:30, 0:40] = True
+    got = common_view(a, b.astype(np.float32))
+    inside = a & b
+    assert got.sum() > 0 and not np.any(got & ~inside)  # never outside either field of view
+    assert got[10:29, 11:39].all() and not got[5, 20] and not got[29, 20]  # rim of one pixel removed
+
+
+def test_learned_gives_both_inputs_the_same_frame_edges(monkeypatch):
+    """A moving image whose field of view misses a band: both network inputs are zero there with ``fov``."""
+    from bench.methods.learned import Learned
+
+    img = smooth_image(4, (120, 160)) + 0.1
+    valid = np.ones(img.shape, bool)
+    valid[:, :40] = False  # the source's frame ends at x = 40 after the initial transform
+    moving = ImageView(np.where(valid, img, 0.0).astype(np.float32), valid.copy(), None, valid)
+    fixed = ImageView(img.astype(np.float32), np.ones(img.shape, bool), None)
+    seen = {}
+
+    def spy(self, mv, fx):
+        seen["inputs"] = (mv.copy(), fx.copy())
+        return np.eye(3), np.array([[1.0, 0, 0], [0, 1.0, 0]])
+
+    monkeypatch.setattr(Learned, "_predict", spy)
+    for fov in (True, False):
+        Learned(fov=fov, input_size=160).estimate(fixed, moving, Context())
+        mv, fx = seen["inputs"]
+        assert not mv[:, :40].any()
+        assert (not fx[:, :40].any()) == fov  # the fixed image's matching band is cut only with fov
+        assert fx[:, 45:].all() and mv[:, 45:].all()
+
+
+def test_preprocessing_records_the_moving_field_of_view(tmp_path):
+    """The moving view's ``valid`` is the warped source frame; the cache keeps it."""
+    from bench.datasets.synthetic import GeneratorConfig, generate_pair
+
+    from bench.cache import PreprocessCache
+    from bench.preprocess import PreprocessParams, prepare_pair
+
+    pair = generate_pair(3, config=GeneratorConfig(size=300))
+    h, w = pair.target_rgb.shape[:2]
+    src = pair.target_rgb[: h // 2]  # the source scan shows only the upper half of the section
+    paths = [tmp_path / "s.png", tmp_path / "t.png"]
+    for p, rgb in zip(paths, (src, pair.target_rgb), strict=True):
+        cv2.imwrite(str(p), rgb[..., ::-1])
+    prepared = prepare_pair(*paths, PreprocessParams(rotation=False, translation_search=False, scale_hint=False))
+    valid = prepared.moving.valid
+    assert valid is not None and valid.shape == prepared.fixed.shape and prepared.fixed.valid is None
+    frac = valid.mean()
+    assert 0.4 < frac < 0.6, frac
+    cache = PreprocessCache(tmp_path / "cache")
+    params = PreprocessParams(rotation=False, translation_search=False, scale_hint=False)
+    first, hit1 = cache.get_or_prepare(*paths, params)
+    again, hit2 = cache.get_or_prepare(*paths, params)
+    assert (hit1, hit2) == (False, True) and np.array_equal(again.moving.valid, first.moving.valid)
+
+
+def test_weighted_ncc_ignores_what_the_weight_excludes():
+    from bench.learning.train import ncc
+
+    rng = np.random.default_rng(1)
+    a = torch.from_numpy(rng.random((1, 1, 30, 40)).astype(np.float32))
+    b = a.clone()
+    b[..., :, 25:] = torch.from_numpy(rng.random((1, 1, 30, 15)).astype(np.float32))  # unrelated right part
+    w = torch.zeros_like(a)
+    w[..., :, :25] = 1.0
+    assert float(ncc(a, b)) < 0.9
+    assert float(ncc(a, b, weight=w)) == pytest.approx(1.0, abs=1e-5)
+    assert float(ncc(a[..., :25], b[..., :25])) == pytest.approx(float(ncc(a, b, weight=w)), abs=1e-5)
+
+
+def test_cut_augmentation_cuts_images_and_returns_loss_weights():
+    from bench.learning import data as D
+
+    img = smooth_image(6, (100, 140)) + 0.1
+    pair = D.CachedPair("cut", img, img.copy(), np.ones(img.shape, bool), np.ones(img.shape, bool))
+    cfg = D.AugmentConfig(max_rotation_deg=0, scale_range=(1, 1), max_shear=0, max_translation_frac=0,
+                          cut_probability=1.0, cut_range=(0.6, 0.7))
+    mv, fx, _, weights = D.to_tensors(pair, np.random.default_rng(0), cfg, with_weights=True)
+    assert weights is not None
+    for image, weight in zip((mv, fx), weights, strict=True):
+        inside = weight[0, 0].numpy() > 0.5
+        assert 0.3 < inside.mean() < 0.55
+        outside = weight[0, 0].numpy() < 1e-3
+        assert outside.mean() > 0.4 and np.abs(image[0, 0].numpy()[outside]).max() < 1e-3  # cut away
+    assert not np.array_equal(weights[0].numpy(), weights[1].numpy())  # two independent frames
+    plain = D.to_tensors(pair, np.random.default_rng(0), D.AugmentConfig(), with_weights=True)
+    assert plain[3] is None

@@ -42,6 +42,8 @@ class CachedPair:
     moving_mask, fixed_mask : (H, W) bool arrays
     moving_points, fixed_points : (N, 2) float64 arrays or None
         Corresponding landmarks ``(x, y)`` in these frames (validation diagnostics only, never a loss).
+    moving_valid : (H, W) bool array or None
+        The moving image's field of view (:attr:`bench.method.ImageView.valid`); None = everywhere.
     """
 
     key: str
@@ -51,6 +53,7 @@ class CachedPair:
     fixed_mask: np.ndarray
     moving_points: np.ndarray | None = None
     fixed_points: np.ndarray | None = None
+    moving_valid: np.ndarray | None = None
 
 
 def input_scales(shapes: Iterable[tuple[int, int]], input_size: int) -> tuple[float, list[tuple[int, int]]]:
@@ -115,12 +118,14 @@ def prepare_cached(
         with np.load(file) as z:
             get = {k: z[k] for k in z.files}
         return CachedPair(key, get["moving"], get["fixed"], get["moving_mask"], get["fixed_mask"],
-                          get.get("moving_points"), get.get("fixed_points"))
+                          get.get("moving_points"), get.get("fixed_points"), get.get("moving_valid"))
     source, target = paths()
     prepared = prepare_pair(source, target, params)
     moving, m_mask, fixed, f_mask, r_m, r_f = shrink_prepared(prepared, input_size)
     src_pts, tgt_pts = points()
     arrays = {"moving": moving, "fixed": fixed, "moving_mask": m_mask, "fixed_mask": f_mask}
+    if prepared.moving.valid is not None:
+        arrays["moving_valid"] = resize(prepared.moving.valid, moving.shape)
     if src_pts is not None and tgt_pts is not None:
         n = min(len(src_pts), len(tgt_pts))
         r_s = geometry.resample_matrix(*prepared.source_scale)
@@ -131,7 +136,8 @@ def prepare_cached(
     tmp = file.with_suffix(".tmp.npz")
     np.savez_compressed(tmp, **arrays)
     tmp.replace(file)
-    return CachedPair(key, moving, fixed, m_mask, f_mask, arrays.get("moving_points"), arrays.get("fixed_points"))
+    return CachedPair(key, moving, fixed, m_mask, f_mask, arrays.get("moving_points"), arrays.get("fixed_points"),
+                      arrays.get("moving_valid"))
 
 
 def generated_pair(seed: int, size: int, cache_dir: Path, params: PreprocessParams, input_size: int) -> CachedPair:
@@ -209,6 +215,8 @@ class AugmentConfig:
     blur_sigma: tuple[float, float] = (1.0, 3.0)  # its sigma range, network-input pixels
     swap_probability: float = 0.0  # chance of giving the moving image another section's fine texture
     swap_sigma: float = 2.0  # the fine band swapped: the image minus its Gaussian blur of this sigma (pixels)
+    cut_probability: float = 0.0  # per image: chance of cutting it by its own frame, unknown to the network
+    cut_range: tuple[float, float] = (0.6, 0.9)  # that frame's side / image side (drawn per axis)
 
 
 def random_matrix(rng: np.random.Generator, shape: tuple[int, int], cfg: AugmentConfig) -> np.ndarray:
@@ -235,6 +243,17 @@ def common_canvas(*images: np.ndarray) -> list[np.ndarray]:
     return [pad_to(i, shape) for i in images]
 
 
+def common_view(*valid: np.ndarray) -> np.ndarray:
+    """Where all of equally shaped fields of view (bool or [0, 1] float) have data, less a one-pixel rim.
+
+    Multiplying both network inputs by it gives them the same frame edges: a section that fills its
+    frame is cut by the frame, and two scans' frames need not correspond, so an edge only one image has
+    would read as a tissue outline and pull the prediction towards matching frames instead of tissue.
+    """
+    inside = np.logical_and.reduce([np.asarray(v) > 0.5 for v in valid])
+    return cv2.erode(inside.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+
+
 def _warp_np(image: np.ndarray, matrix: np.ndarray) -> torch.Tensor:
     t = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
     theta = torch.from_numpy(matrix_to_theta(matrix, image.shape, image.shape)).float()[None]
@@ -242,34 +261,72 @@ def _warp_np(image: np.ndarray, matrix: np.ndarray) -> torch.Tensor:
 
 
 def to_tensors(pair: CachedPair, rng: np.random.Generator | None, cfg: AugmentConfig | None = None,
-               others: list[CachedPair] | None = None):
+               others: list[CachedPair] | None = None, *, fov: bool = True, with_weights: bool = False):
     """Network inputs for one pair, augmented when ``rng`` is given.
+
+    With ``fov`` both inputs are cut to their common field of view (:func:`common_view`), as the
+    ``learned`` method does at inference; the augmentation's own zero-filled borders count as frame edges.
 
     Returns
     -------
     moving, fixed : (1, 1, H, W) float32 tensors (masked: background 0), padded to one common canvas
     matrices : tuple of two (3, 3) arrays
         The augmentation applied to moving and fixed (identity without ``rng``).
+    weights : tuple of two (1, 1, H, W) float32 tensors or None, only ``with_weights``
+        Where each image was not cut by an unknown frame (``cut_probability``): the loss counts only pixels
+        inside both (None: nothing was cut). The network never sees them.
     """
     cfg = cfg or AugmentConfig()
     mv = np.where(pair.moving_mask, pair.moving, 0.0)
     fx = np.where(pair.fixed_mask, pair.fixed, 0.0)
+    vm = np.ones(mv.shape, np.float32) if pair.moving_valid is None else pair.moving_valid.astype(np.float32)
+    vf = np.ones(fx.shape, np.float32)
     if rng is not None and others and cfg.swap_probability > 0 and rng.random() < cfg.swap_probability:
         mv = swap_texture(mv, pair.moving_mask, others[int(rng.integers(len(others)))].fixed, cfg.swap_sigma)
-    mv, fx = common_canvas(mv, fx)
-    if rng is None:
-        return (torch.from_numpy(mv.astype(np.float32))[None, None],
-                torch.from_numpy(fx.astype(np.float32))[None, None], (np.eye(3), np.eye(3)))
-    shift = np.eye(3)
-    m_shape, f_shape = pair.moving.shape, pair.fixed.shape
-    if cfg.crop_probability > 0 and rng.random() < cfg.crop_probability:
-        mv, fx, (x0, y0) = random_crop(rng, mv, fx, pair.fixed_mask, cfg.crop_range)
-        shift = geometry.translation(-x0, -y0)
-        m_shape = f_shape = fx.shape
-    mv, fx = restain(rng, mv, cfg), restain(rng, fx, cfg)
-    a_m = random_matrix(rng, m_shape, cfg) @ shift
-    a_f = random_matrix(rng, f_shape, cfg) @ shift
-    return _warp_np(mv, a_m @ np.linalg.inv(shift)), _warp_np(fx, a_f @ np.linalg.inv(shift)), (a_m, a_f)
+    mv, fx, vm, vf = common_canvas(mv, fx, vm, vf)
+    mats, weights = (np.eye(3), np.eye(3)), None
+    if rng is not None:
+        shift = np.eye(3)
+        m_shape, f_shape = pair.moving.shape, pair.fixed.shape
+        if cfg.crop_probability > 0 and rng.random() < cfg.crop_probability:
+            (mv, fx, vm, vf), (x0, y0) = random_crop(rng, [mv, fx, vm, vf], pair.fixed_mask, cfg.crop_range)
+            shift = geometry.translation(-x0, -y0)
+            m_shape = f_shape = fx.shape
+        cuts = [_random_frame(rng, img.shape, cfg) for img in (mv, fx)]
+        if any(c is not None for c in cuts):
+            weights = tuple(np.ones(mv.shape, np.float32) if c is None else c for c in cuts)
+            mv, fx = (img * (1 if c is None else c) for img, c in zip((mv, fx), cuts, strict=True))
+        mv, fx = restain(rng, mv, cfg), restain(rng, fx, cfg)
+        a_m = random_matrix(rng, m_shape, cfg) @ shift
+        a_f = random_matrix(rng, f_shape, cfg) @ shift
+        mats = (a_m, a_f)
+        w_m, w_f = a_m @ np.linalg.inv(shift), a_f @ np.linalg.inv(shift)
+        mv, fx, vm, vf = (_warp_np(a, m)[0, 0].numpy() for a, m in ((mv, w_m), (fx, w_f), (vm, w_m), (vf, w_f)))
+        if weights is not None:
+            weights = (_warp_np(weights[0], w_m)[0, 0].numpy(), _warp_np(weights[1], w_f)[0, 0].numpy())
+    if fov:
+        common = common_view(vm, vf)
+        mv, fx = mv * common, fx * common
+    tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a, np.float32))[None, None]  # noqa: E731
+    out = (tensor(mv), tensor(fx), mats)
+    if with_weights:
+        return (*out, None if weights is None else (tensor(weights[0]), tensor(weights[1])))
+    return out
+
+
+def _random_frame(rng: np.random.Generator, shape: tuple[int, int], cfg: AugmentConfig) -> np.ndarray | None:
+    """With ``cfg.cut_probability``: a 0/1 window of ``shape`` (side ``cut_range`` x the image's, anywhere).
+
+    One image's own frame: tissue that fills it is cut there, and the other image's frame differs.
+    """
+    if cfg.cut_probability <= 0 or rng.random() >= cfg.cut_probability:
+        return None
+    h, w = shape
+    ch, cw = (max(8, int(round(n * rng.uniform(*cfg.cut_range)))) for n in (h, w))
+    y0, x0 = int(rng.integers(0, max(1, h - ch + 1))), int(rng.integers(0, max(1, w - cw + 1)))
+    out = np.zeros(shape, np.float32)
+    out[y0:y0 + ch, x0:x0 + cw] = 1.0
+    return out
 
 
 def swap_texture(image: np.ndarray, mask: np.ndarray, other: np.ndarray, sigma: float) -> np.ndarray:
@@ -301,19 +358,19 @@ def restain(rng: np.random.Generator, image: np.ndarray, cfg: AugmentConfig) -> 
     return out
 
 
-def random_crop(rng: np.random.Generator, moving: np.ndarray, fixed: np.ndarray, fixed_mask: np.ndarray,
-                side_range: tuple[float, float]) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
-    """One random window, the same for both images of a common canvas, around the fixed tissue.
+def random_crop(rng: np.random.Generator, images: list[np.ndarray], fixed_mask: np.ndarray,
+                side_range: tuple[float, float]) -> tuple[list[np.ndarray], tuple[int, int]]:
+    """One random window, the same for all ``images`` of a common canvas, around the fixed tissue.
 
     Real sections often fill their frame, so their outline is cut off; generated ones lie whole on a blank
     slide. Cropping both images to one window (so their pixel correspondence is unchanged) shows the
     network tissue that fills the frame as well. Returns the crops and the window's ``(x0, y0)``.
     """
-    h, w = fixed.shape
+    h, w = images[0].shape
     ch = int(round(h * rng.uniform(*side_range)))
     cw = int(round(w * rng.uniform(*side_range)))
     ys, xs = np.nonzero(fixed_mask)
     cy, cx = (ys.mean(), xs.mean()) if len(ys) else (h / 2, w / 2)
     y0 = int(np.clip(round(cy - ch / 2 + rng.uniform(-0.15, 0.15) * ch), 0, h - ch))
     x0 = int(np.clip(round(cx - cw / 2 + rng.uniform(-0.15, 0.15) * cw), 0, w - cw))
-    return moving[y0:y0 + ch, x0:x0 + cw], fixed[y0:y0 + ch, x0:x0 + cw], (x0, y0)
+    return [img[y0:y0 + ch, x0:x0 + cw] for img in images], (x0, y0)

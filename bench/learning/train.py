@@ -68,6 +68,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--swap-probability", type=float, default=0.0,
                    help="chance of giving the source another section's fine texture (consecutive sections)")
     g.add_argument("--swap-sigma", type=float, default=2.0, help="scale of the swapped fine band, input pixels")
+    g.add_argument("--cut-probability", type=float, default=0.0,
+                   help="per-image chance of cutting it by its own random frame (frame-filling tissue, frames "
+                        "that differ between scans); the loss ignores what either frame cut away")
+    g.add_argument("--cut-range", type=float, nargs=2, default=(0.6, 0.9), help="that frame's side / image side")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     g.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -77,32 +81,45 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
 
 
-def ncc(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Global normalised cross-correlation of two equally shaped tensors (a scalar in [-1, 1])."""
-    a = a - a.mean()
-    b = b - b.mean()
-    return (a * b).sum() / (torch.sqrt((a * a).sum() * (b * b).sum()) + eps)
+def ncc(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-6, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Global normalised cross-correlation of two equally shaped tensors (a scalar in [-1, 1]).
+
+    ``weight`` (same shape, >= 0) restricts it to where the weight is positive (a weighted NCC).
+    """
+    if weight is None:
+        a = a - a.mean()
+        b = b - b.mean()
+        return (a * b).sum() / (torch.sqrt((a * a).sum() * (b * b).sum()) + eps)
+    total = weight.sum() + eps
+    a = a - (weight * a).sum() / total
+    b = b - (weight * b).sum() / total
+    return (weight * a * b).sum() / (torch.sqrt((weight * a * a).sum() * (weight * b * b).sum()) + eps)
 
 
 def pair_loss(model: torch.nn.Module, moving: torch.Tensor, fixed: torch.Tensor, kind: str = "ncc",
-              pool: int | Sequence[int] = 1):
+              pool: int | Sequence[int] = 1, weights: tuple[torch.Tensor, torch.Tensor] | None = None):
     """Loss for one pair on one common canvas (``(1, 1, H, W)`` each) and the predicted ``theta`` ``(1, 2, 3)``.
 
     ``pool`` > 1 average-pools both images before the NCC (``theta`` is in normalised coordinates, so it
     applies unchanged): a smoother similarity with a wider basin, hence steadier gradients. Several
-    factors (e.g. ``(2, 4, 8)``) give the mean of the negative NCC over those scales.
+    factors (e.g. ``(2, 4, 8)``) give the mean of the negative NCC over those scales. ``weights``
+    (moving's, fixed's; from :func:`bench.learning.data.to_tensors`) limit it to pixels both images still
+    show: the moving weight is warped with the moving image.
     """
     theta = model(moving, fixed)
     pools = [pool] if isinstance(pool, int) else list(pool)
     loss = moving.new_zeros(())
     for k in pools:
-        m, f = moving, fixed
+        tensors = [moving, fixed, *(weights or ())]
         if k > 1:
-            m, f = (torch.nn.functional.avg_pool2d(t, k, ceil_mode=True) for t in (moving, fixed))
-        loss = loss - ncc(warp(m, theta, tuple(f.shape[-2:])), f)
+            tensors = [torch.nn.functional.avg_pool2d(t, k, ceil_mode=True) for t in tensors]
+        m, f = tensors[:2]
+        size = tuple(f.shape[-2:])
+        w = None if weights is None else warp(tensors[2], theta, size) * tensors[3]
+        loss = loss - ncc(warp(m, theta, size), f, weight=w)
         if kind == "relative":
             with torch.no_grad():
-                loss = loss + ncc(m, f)
+                loss = loss + ncc(m, f, weight=None if weights is None else tensors[2] * tensors[3])
     return loss / len(pools), theta
 
 
@@ -142,8 +159,9 @@ def train_epoch(model, opt, pairs, rng, args, aug, progress=None, task=None) -> 
     losses = []
     order = rng.permutation(len(pairs))
     for i, idx in enumerate(order):
-        mv, fx, _ = D.to_tensors(pairs[idx], rng, aug, others=pairs)
-        loss, _ = pair_loss(model, mv.to(args.device), fx.to(args.device), args.loss, args.loss_pool)
+        mv, fx, _, wts = D.to_tensors(pairs[idx], rng, aug, others=pairs, with_weights=True)
+        wts = None if wts is None else tuple(t.to(args.device) for t in wts)
+        loss, _ = pair_loss(model, mv.to(args.device), fx.to(args.device), args.loss, args.loss_pool, wts)
         (loss / args.real_batch).backward()
         losses.append(float(loss.detach()))
         if (i + 1) % args.real_batch == 0 or i + 1 == len(order):
@@ -161,8 +179,9 @@ def evaluate(model, pairs, seed: int, args, aug) -> dict[str, float]:
     losses, before, after = [], [], []
     for k, pair in enumerate(pairs):
         rng = np.random.default_rng([seed, k])
-        mv, fx, (a_m, a_f) = D.to_tensors(pair, rng, aug, others=pairs)
-        loss, theta = pair_loss(model, mv.to(args.device), fx.to(args.device), args.loss, args.loss_pool)
+        mv, fx, (a_m, a_f), wts = D.to_tensors(pair, rng, aug, others=pairs, with_weights=True)
+        wts = None if wts is None else tuple(t.to(args.device) for t in wts)
+        loss, theta = pair_loss(model, mv.to(args.device), fx.to(args.device), args.loss, args.loss_pool, wts)
         losses.append(float(loss))
         if pair.moving_points is not None:
             from bench import geometry
@@ -240,7 +259,8 @@ def augment_config(args: argparse.Namespace) -> D.AugmentConfig:
                            max_shear=args.max_shear, max_translation_frac=args.max_translation,
                            crop_probability=args.crop_probability, crop_range=tuple(args.crop_range),
                            gamma_range=tuple(args.gamma_range), blur_probability=args.blur_probability,
-                           swap_probability=args.swap_probability, swap_sigma=args.swap_sigma)
+                           swap_probability=args.swap_probability, swap_sigma=args.swap_sigma,
+                           cut_probability=args.cut_probability, cut_range=tuple(args.cut_range))
 
 
 def _git_commit() -> str:
