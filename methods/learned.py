@@ -35,6 +35,7 @@ class LearnedParams:
     threads: int = 1  # torch CPU threads during a call (0 = torch's default); 1: steady times on shared cores
     guard: bool = False  # keep the preprocessing's alignment when the prediction lowers the training objective
     fov: bool = True  # cut both inputs to their common field of view (frame edges are not tissue outlines)
+    symmetric: bool = False  # also predict target -> source; return the geometric mean of the two (2 passes)
 
 
 @register
@@ -78,6 +79,8 @@ class Learned(Method):
             common = common_view(*common_canvas(*views))
             mv, fx = mv * common, fx * common
         net, theta = self._predict(mv, fx)
+        if self.params.symmetric:  # inverse consistent: swapping the inputs inverts the result exactly
+            net = symmetric_mean(net, self._predict(fx, mv)[0])
         objective: dict[str, float] = {}
         if self.params.guard:  # only then: the paper's method is the forward pass alone, and it is timed
             objective = self._objective(mv, fx, net)
@@ -95,6 +98,7 @@ class Learned(Method):
             "input_shape_fixed": list(fs),
             "theta": np.round(theta, 6).tolist(),
             "passes": self.params.passes,
+            "symmetric": self.params.symmetric,
             "weights": Path(self._weights).name,
             **({"ncc_identity": round(objective["identity"], 5), "ncc_predicted": round(objective["predicted"], 5),
                 "kept_start": objective["predicted"] < objective["identity"]} if objective else {}),
@@ -145,3 +149,22 @@ class Learned(Method):
         finally:
             torch.set_num_threads(before)
         return total, theta
+
+
+def symmetric_mean(forward: np.ndarray, backward: np.ndarray) -> np.ndarray:
+    """The affine half-way between ``forward`` (moving -> fixed) and ``inv(backward)`` (``backward``: fixed ->
+    moving): ``expm((logm(F) - logm(B)) / 2)``. Swapping the two inputs gives exactly the inverse, and two
+    identical images give the identity whatever bias the network has.
+
+    >>> a = np.array([[1.1, 0.05, 3.0], [-0.02, 0.95, -2.0], [0, 0, 1]])
+    >>> bool(np.allclose(symmetric_mean(a, np.linalg.inv(a)), a))
+    True
+    >>> bool(np.allclose(symmetric_mean(a, a), np.eye(3)))
+    True
+    """
+    from scipy.linalg import expm, logm
+
+    out = np.real(expm(0.5 * (logm(forward) - logm(backward))))
+    out[2] = [0.0, 0.0, 1.0]
+    return out
+

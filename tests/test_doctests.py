@@ -6,7 +6,7 @@ import importlib
 import pytest
 
 MODULES = ["bench.geometry", "bench.metrics", "bench.datasets.anhir", "bench.method", "bench.report.tables",
-           "bench.report.stats"]
+           "bench.report.stats", "bench.methods.learned", "bench.methods._features"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -242,6 +242,25 @@ def test_learned_gives_both_inputs_the_same_frame_edges(monkeypatch):
         assert fx[:, 45:].all() and mv[:, 45:].all()
 
 
+def test_symmetric_inference_is_inverse_consistent():
+    """``symmetric``: swapping the inputs gives the inverse matrix, two identical images the identity; the
+    plain forward pass (the paper's) has neither property with the shipped weights."""
+    from bench.methods.learned import Learned
+
+    a = smooth_image(6, (150, 200)) + 0.1
+    b = cv2.warpAffine(a, np.array([[1.05, 0.03, -4.0], [-0.02, 0.97, 3.0]]), (200, 150))
+    view = lambda img: ImageView(img.astype(np.float32), img > 0.05, None)  # noqa: E731
+    fixed, moving = view(a), view(b)
+    m = Learned(symmetric=True)
+    ab = m.estimate(fixed, moving, Context()).matrix
+    ba = m.estimate(moving, fixed, Context()).matrix
+    np.testing.assert_allclose(ab @ ba, np.eye(3), atol=1e-6)
+    np.testing.assert_allclose(m.estimate(fixed, view(a), Context()).matrix, np.eye(3), atol=1e-9)
+    plain = Learned()
+    assert not np.allclose(plain.estimate(fixed, moving, Context()).matrix @ plain.estimate(moving, fixed, Context()).matrix,
+                           np.eye(3), atol=1e-6)
+
+
 def test_preprocessing_records_the_moving_field_of_view(tmp_path):
     """The moving view's ``valid`` is the warped source frame; the cache keeps it."""
     from bench.datasets.synthetic import GeneratorConfig, generate_pair
