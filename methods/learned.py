@@ -167,4 +167,3 @@ def symmetric_mean(forward: np.ndarray, backward: np.ndarray) -> np.ndarray:
     out = np.real(expm(0.5 * (logm(forward) - logm(backward))))
     out[2] = [0.0, 0.0, 1.0]
     return out
-
