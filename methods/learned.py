@@ -110,12 +110,12 @@ class Learned(Method):
         import torch
         import torch.nn.functional as F
 
+        from bench.learning.data import as_input
         from bench.learning.model import matrix_to_theta, warp
         from bench.learning.train import ncc
 
         shape = fixed.shape
-        to = lambda a: torch.from_numpy(np.ascontiguousarray(a, np.float32))[None, None]  # noqa: E731
-        mv, fx = to(moving), to(fixed)
+        mv, fx = as_input(moving), as_input(fixed)
         out = {}
         with torch.inference_mode():
             for key, m in (("identity", np.eye(3)), ("predicted", matrix)):
@@ -131,10 +131,11 @@ class Learned(Method):
         """Pixel matrix (3x3, moving -> fixed) on one common ``(H, W)`` canvas, and the last ``theta``."""
         import torch
 
+        from bench.learning.data import as_input
         from bench.learning.model import matrix_to_theta, theta_to_matrix, warp
 
         shape = fixed.shape
-        to = lambda a: torch.from_numpy(np.ascontiguousarray(a, np.float32))[None, None].to(self._device)  # noqa: E731
+        to = lambda a: as_input(a).to(self._device)  # noqa: E731
         mv, fx = to(moving), to(fixed)
         total = np.eye(3)
         before = torch.get_num_threads()

@@ -254,8 +254,13 @@ def common_view(*valid: np.ndarray) -> np.ndarray:
     return cv2.erode(inside.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
 
 
+def as_input(image: np.ndarray) -> torch.Tensor:
+    """A 2-D image as the network's ``(1, 1, H, W)`` float32 tensor (on the CPU)."""
+    return torch.from_numpy(np.ascontiguousarray(image, np.float32))[None, None]
+
+
 def _warp_np(image: np.ndarray, matrix: np.ndarray) -> torch.Tensor:
-    t = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
+    t = as_input(image)
     theta = torch.from_numpy(matrix_to_theta(matrix, image.shape, image.shape)).float()[None]
     return warp(t, theta, image.shape)
 
@@ -307,10 +312,9 @@ def to_tensors(pair: CachedPair, rng: np.random.Generator | None, cfg: AugmentCo
     if fov:
         common = common_view(vm, vf)
         mv, fx = mv * common, fx * common
-    tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a, np.float32))[None, None]  # noqa: E731
-    out = (tensor(mv), tensor(fx), mats)
+    out = (as_input(mv), as_input(fx), mats)
     if with_weights:
-        return (*out, None if weights is None else (tensor(weights[0]), tensor(weights[1])))
+        return (*out, None if weights is None else (as_input(weights[0]), as_input(weights[1])))
     return out
 
 

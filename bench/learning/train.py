@@ -152,6 +152,16 @@ def load_data(args: argparse.Namespace) -> tuple[list[D.CachedPair], list[D.Cach
     return train, val, info
 
 
+def augmented_loss(model, pair, rng, args, aug, others):
+    """Augment one pair (:func:`bench.learning.data.to_tensors`), move it to ``args.device`` and return
+    ``(loss, theta, augmentation matrices, moving input, fixed input)``."""
+    mv, fx, mats, wts = D.to_tensors(pair, rng, aug, others=others, with_weights=True)
+    mv, fx = mv.to(args.device), fx.to(args.device)
+    wts = None if wts is None else tuple(t.to(args.device) for t in wts)
+    loss, theta = pair_loss(model, mv, fx, args.loss, args.loss_pool, wts)
+    return loss, theta, mats, mv, fx
+
+
 def train_epoch(model, opt, pairs, rng, args, aug, progress=None, task=None) -> float:
     """One pass over ``pairs`` in random order; returns the mean loss."""
     model.train()
@@ -159,9 +169,7 @@ def train_epoch(model, opt, pairs, rng, args, aug, progress=None, task=None) -> 
     losses = []
     order = rng.permutation(len(pairs))
     for i, idx in enumerate(order):
-        mv, fx, _, wts = D.to_tensors(pairs[idx], rng, aug, others=pairs, with_weights=True)
-        wts = None if wts is None else tuple(t.to(args.device) for t in wts)
-        loss, _ = pair_loss(model, mv.to(args.device), fx.to(args.device), args.loss, args.loss_pool, wts)
+        loss = augmented_loss(model, pairs[idx], rng, args, aug, pairs)[0]
         (loss / args.real_batch).backward()
         losses.append(float(loss.detach()))
         if (i + 1) % args.real_batch == 0 or i + 1 == len(order):
@@ -179,9 +187,7 @@ def evaluate(model, pairs, seed: int, args, aug) -> dict[str, float]:
     losses, before, after = [], [], []
     for k, pair in enumerate(pairs):
         rng = np.random.default_rng([seed, k])
-        mv, fx, (a_m, a_f), wts = D.to_tensors(pair, rng, aug, others=pairs, with_weights=True)
-        wts = None if wts is None else tuple(t.to(args.device) for t in wts)
-        loss, theta = pair_loss(model, mv.to(args.device), fx.to(args.device), args.loss, args.loss_pool, wts)
+        loss, theta, (a_m, a_f), mv, fx = augmented_loss(model, pair, rng, args, aug, pairs)
         losses.append(float(loss))
         if pair.moving_points is not None:
             from bench import geometry
