@@ -137,6 +137,14 @@ class PreparedPair:
             source_pre=self.source_pre,
         )
 
+    def to_working(self, original: np.ndarray) -> np.ndarray:
+        """The inverse of :meth:`to_original`: an original-pixel matrix (source -> target) as a working-frame
+        estimate (moving -> fixed), e.g. to judge an ``Estimate(frame="original")`` on the working images."""
+        r_s = geometry.resample_matrix(*self.source_scale)
+        r_t = geometry.resample_matrix(*self.target_scale)
+        pre = np.eye(3) if self.source_pre is None else geometry.as_3x3(self.source_pre)
+        return r_t @ geometry.as_3x3(original) @ np.linalg.inv(pre @ r_s)
+
 
 def params_dict(params: PreprocessParams) -> dict[str, Any]:
     """The parameters as a plain dict (for run.json and cache keys)."""

@@ -27,11 +27,12 @@ from typing import Any
 
 import numpy as np
 
-from bench import geometry, metrics, registry
+from bench import geometry, metrics, quality, registry
 from bench.datasets.anhir import LandmarkError, Pair, file_digest, load_table, read_landmarks
 from bench.method import Context, Method, RegistrationFailed, make_params
 from bench.preprocess import ImageLoadError, PreparedPair, PreprocessParams
-from bench.store import SCHEMA_VERSION, ResultStore
+from bench.schema import SCHEMA_VERSION, TIME_MEASURED
+from bench.store import ResultStore
 from bench.timing import CallTimeout, timed
 
 
@@ -113,6 +114,7 @@ def _base_row(pair: Pair, method: type[Method] | Method, spec: MethodSpec) -> di
         "target_landmarks": str(pair.target_landmarks or ""),
         "diagonal": pair.diagonal,
         "success": False,
+        "time_source": TIME_MEASURED,
     }
 
 
@@ -198,7 +200,11 @@ def _run_method(
             t0, c0 = time.perf_counter(), time.process_time()
         out = timed(call, device=device, limit_s=task.timeout_s)
         estimate, wall, cpu = out.value, out.wall_s, out.cpu_s
-        matrix = estimate.matrix if estimate.frame == "original" else prepared.to_original(estimate.matrix)
+        if estimate.frame == "original":
+            matrix, working = estimate.matrix, prepared.to_working(estimate.matrix)
+        else:
+            matrix, working = prepared.to_original(estimate.matrix), estimate.matrix
+        row["quality"] = quality.alignment_quality(prepared.fixed, prepared.moving, working)
         diagnostics = dict(estimate.diagnostics)
     except CallTimeout as exc:
         status, error = "timeout", str(exc)

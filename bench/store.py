@@ -18,44 +18,10 @@ from typing import Any
 import numpy as np
 
 from bench.datasets.anhir import write_landmarks
+from bench.schema import COLUMNS, MANIFEST, RESULTS, SCHEMA_VERSION, STATUSES, WARPED
 
-SCHEMA_VERSION = 1
-RESULTS = "results.csv"
-MANIFEST = "run.json"
-WARPED = "warped-landmarks"
+__all__ = ["COLUMNS", "SCHEMA_VERSION", "STATUSES", "ResultStore"]
 
-COLUMNS = (
-    "pair_id",
-    "tissue",
-    "method",
-    "method_version",
-    "status",
-    "error",
-    "n_landmarks",
-    "rtre_median",
-    "rtre_mean",
-    "rtre_max",
-    "rtre_min",
-    "rtre_std",
-    "ire_median",
-    "robustness",
-    "success",
-    "time_s",
-    "time_cpu_s",
-    "time_preprocess_s",
-    "preprocess_cached",
-    "device",
-    "params",
-    "matrix",
-    "diagnostics",
-    "fallback",
-    "source_image",
-    "target_image",
-    "source_landmarks",
-    "target_landmarks",
-    "diagonal",
-)
-STATUSES = ("ok", "failed", "timeout", "unscored")
 
 
 def _cell(value: Any) -> str:

@@ -25,6 +25,7 @@ import numpy as np
 from scipy.special import gammaln
 
 from bench import Estimate, RegistrationFailed
+from bench.quality import alignment_evidence, matrix_problem
 
 _ESTIMATORS = {"magsac": cv2.USAC_MAGSAC, "ransac": cv2.RANSAC}
 
@@ -223,32 +224,6 @@ def match_descriptors(
     return idx
 
 
-def matrix_problem(matrix: np.ndarray, min_scale: float, max_scale: float, max_anisotropy: float) -> str | None:
-    """Why an affine matrix is degenerate (scale out of range, shear, reflection), or None if it is fine.
-
-    Scale is ``sqrt(det A)`` of the linear part ``A``; anisotropy is the ratio of its singular values
-    (a shear or a one-axis stretch raises it).
-
-    >>> matrix_problem(np.array([[1.0, 0, 3], [0, 1, 4]]), 0.5, 2.0, 1.5) is None
-    True
-    >>> matrix_problem(np.array([[3.0, 0, 0], [0, 3, 0]]), 0.5, 2.0, 1.5)
-    'degenerate matrix: scale 3.000 outside [0.5, 2.0]'
-    >>> matrix_problem(np.array([[-1.0, 0, 0], [0, 1, 0]]), 0.5, 2.0, 1.5)
-    'degenerate matrix: determinant -1 (reflection or collapse)'
-    """
-    a = np.asarray(matrix, dtype=np.float64)[:2, :2]
-    det = float(np.linalg.det(a))
-    if not np.isfinite(det) or det <= 0:
-        return f"degenerate matrix: determinant {det:.3g} (reflection or collapse)"
-    scale = float(np.sqrt(det))
-    if not min_scale <= scale <= max_scale:
-        return f"degenerate matrix: scale {scale:.3f} outside [{min_scale}, {max_scale}]"
-    s = np.linalg.svd(a, compute_uv=False)
-    if s[0] / s[1] > max_anisotropy:
-        return f"degenerate matrix: anisotropy (shear) {s[0] / s[1]:.3f} > {max_anisotropy}"
-    return None
-
-
 def estimate_affine(
     pts_moving: np.ndarray, pts_fixed: np.ndarray, p: MatchParams, seed: int
 ) -> tuple[np.ndarray | None, np.ndarray]:
@@ -445,71 +420,3 @@ def register_features(
         if ev["contrast"] < p.min_evidence:
             raise fail(f"no shared structure after alignment: contrast {ev['contrast']:.2f} < {p.min_evidence}")
     return Estimate(matrix, diag)
-
-
-# ---------------------------------------------------------------------------------------------
-# A detector-agnostic check of a finished alignment (used by the intensity-based methods).
-
-
-def band_pass(image: np.ndarray, sigma: float) -> np.ndarray:
-    """Difference of Gaussians (``sigma`` minus ``4 sigma``) of a (H, W) image, float32."""
-    img = np.asarray(image, dtype=np.float32)
-    return cv2.GaussianBlur(img, (0, 0), sigma) - cv2.GaussianBlur(img, (0, 0), 4 * sigma)
-
-
-def _rank_mi(a: np.ndarray, b: np.ndarray, bins: int) -> float:
-    """Mutual information (nats) of two (N,) samples after equal-frequency (rank) binning of each."""
-    qa = np.searchsorted(np.quantile(a, np.linspace(0, 1, bins + 1)[1:-1]), a)
-    qb = np.searchsorted(np.quantile(b, np.linspace(0, 1, bins + 1)[1:-1]), b)
-    joint = np.bincount(qa * bins + qb, minlength=bins * bins).reshape(bins, bins).astype(np.float64)
-    joint /= joint.sum()
-    pa, pb = joint.sum(1, keepdims=True), joint.sum(0, keepdims=True)
-    nz = joint > 0
-    return float((joint[nz] * np.log(joint[nz] / (pa @ pb)[nz])).sum())
-
-
-def alignment_evidence(
-    fixed_image: np.ndarray,
-    fixed_mask: np.ndarray,
-    moving_image: np.ndarray,
-    moving_mask: np.ndarray,
-    matrix: np.ndarray,
-    sigma: float = 4.0,
-    bins: int = 16,
-    max_samples: int = 100_000,
-) -> dict[str, float]:
-    """How much more the aligned images share than the same images slightly shifted.
-
-    Both images are band-passed (:func:`band_pass`), the moving one is warped into the fixed frame by
-    ``matrix`` (moving -> fixed), and the mutual information of the two (rank-binned, so any monotonic or
-    non-monotonic stain relation counts) is measured inside the common tissue, eroded so that the tissue
-    outline does not count. The same is measured with the warped image shifted by ``4 sigma`` in 8
-    directions: the structure of one tissue seen in two stains is only shared where it lies on itself, so
-    a correct alignment gives clearly more information than its shifted copies, while an unrelated pair
-    (or a match of outlines only) gives about the same. Returns ``mi`` (at the alignment), ``mi_shifted``
-    (largest over the shifts) and ``contrast = mi / mi_shifted`` (0 when the common tissue is too small).
-
-    Parameters
-    ----------
-    fixed_image, moving_image : (H, W), (H2, W2) float arrays
-    fixed_mask, moving_mask : bool arrays of the same shapes
-    matrix : (3, 3) or (2, 3) moving -> fixed
-    """
-    h, w = fixed_image.shape
-    m2 = np.asarray(matrix, dtype=np.float64)[:2]
-    warped = cv2.warpAffine(band_pass(moving_image, sigma), m2, (w, h), flags=cv2.INTER_LINEAR)
-    wmask = cv2.warpAffine(moving_mask.astype(np.uint8), m2, (w, h), flags=cv2.INTER_NEAREST)
-    d = max(1, int(round(4 * sigma)))
-    k = 2 * (d + int(round(2 * sigma))) + 1
-    common = cv2.erode(fixed_mask.astype(np.uint8) & wmask, np.ones((k, k), np.uint8)) > 0
-    common[:d], common[-d:], common[:, :d], common[:, -d:] = False, False, False, False
-    ys, xs = np.nonzero(common)
-    if len(ys) < 500:
-        return {"mi": 0.0, "mi_shifted": 0.0, "contrast": 0.0}
-    step = max(1, len(ys) // max_samples)
-    ys, xs = ys[::step], xs[::step]
-    f = band_pass(fixed_image, sigma)[ys, xs]
-    mi = _rank_mi(f, warped[ys, xs], bins)
-    shifts = [(dx, dy) for dx in (-d, 0, d) for dy in (-d, 0, d) if dx or dy]
-    mi_shifted = max(_rank_mi(f, warped[ys + dy, xs + dx], bins) for dx, dy in shifts)
-    return {"mi": mi, "mi_shifted": mi_shifted, "contrast": mi / mi_shifted if mi_shifted > 0 else 0.0}

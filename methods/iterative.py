@@ -26,9 +26,9 @@ from typing import Any, Literal
 
 import cv2
 import numpy as np
-from bench.methods._features import alignment_evidence, matrix_problem
 
 from bench import Context, Estimate, ImageView, Method, RegistrationFailed, register
+from bench.quality import alignment_evidence, matrix_problem
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from bench.methods.iterative import Iterative, sitk_affine_to_matrix
 from bench.methods.sift import Sift
 from bench.methods.surf import Surf, opencv_surf_available
 
-from bench import Context, ImageView, RegistrationFailed, geometry
+from bench import Context, ImageView, RegistrationFailed, geometry, quality
 
 SIZE = 400  # longer side of the generated target, pixels
 
@@ -158,10 +158,10 @@ def test_sitk_affine_conversion_matches_transform_point():
 
 def test_matrix_problem_flags_degenerate_matrices():
     ok = geometry.rotation(20) @ geometry.scaling(1.2)
-    assert _features.matrix_problem(ok, 0.5, 2.0, 1.5) is None
-    assert "scale" in _features.matrix_problem(geometry.scaling(0.3), 0.5, 2.0, 1.5)
-    assert "anisotropy" in _features.matrix_problem(geometry.scaling(1.6, 0.8), 0.5, 2.0, 1.5)
-    assert "reflection" in _features.matrix_problem(geometry.scaling(-1.0, 1.0), 0.5, 2.0, 1.5)
+    assert quality.matrix_problem(ok, 0.5, 2.0, 1.5) is None
+    assert "scale" in quality.matrix_problem(geometry.scaling(0.3), 0.5, 2.0, 1.5)
+    assert "anisotropy" in quality.matrix_problem(geometry.scaling(1.6, 0.8), 0.5, 2.0, 1.5)
+    assert "reflection" in quality.matrix_problem(geometry.scaling(-1.0, 1.0), 0.5, 2.0, 1.5)
 
 
 def test_register_features_recovers_and_refuses():
@@ -185,9 +185,9 @@ def test_register_features_recovers_and_refuses():
 
 def test_alignment_evidence_separates_aligned_from_shifted(pairs):
     fixed, moving, truth = pairs["grow-1.25"]
-    good = _features.alignment_evidence(fixed.image, fixed.mask, moving.image, moving.mask, truth)
+    good = quality.alignment_evidence(fixed.image, fixed.mask, moving.image, moving.mask, truth)
     off = geometry.translation(25, 0) @ truth
-    bad = _features.alignment_evidence(fixed.image, fixed.mask, moving.image, moving.mask, off)
+    bad = quality.alignment_evidence(fixed.image, fixed.mask, moving.image, moving.mask, off)
     assert good["contrast"] > 1.5 > bad["contrast"]
 
 

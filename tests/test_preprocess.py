@@ -366,3 +366,17 @@ def test_anhir_mini_turned_and_rescaled_sources(anhir_mini, tmp_path):
     assert sum(a <= 0.035 for a in after) >= 6
     assert max(angle_errors) < 5.0
     assert np.mean(after) < 1.25 * np.mean(rigid)
+
+
+def test_to_working_inverts_to_original():
+    import numpy as np
+
+    from bench import geometry
+    from bench.method import ImageView
+    from bench.preprocess import PreparedPair
+
+    view = ImageView(np.zeros((10, 10), np.float32), np.ones((10, 10), bool))
+    pp = PreparedPair(fixed=view, moving=view, source_scale=(0.5, 0.4), target_scale=(0.25, 0.3),
+                      source_pre=geometry.rotation(20.0, (5, 5)))
+    est = np.array([[1.1, 0.1, 3.0], [-0.05, 0.9, -2.0], [0, 0, 1]])
+    assert np.allclose(pp.to_working(pp.to_original(est)), est, atol=1e-9)

@@ -32,7 +32,8 @@ THRESHOLD = 0.035
 H, W = 240, 320
 COLUMNS = (
     "pair_id tissue method method_version status error n_landmarks rtre_median rtre_mean rtre_max rtre_min "
-    "rtre_std ire_median robustness success time_s time_cpu_s time_preprocess_s device params matrix "
+    "rtre_std ire_median robustness success quality time_s time_cpu_s time_source time_preprocess_s "
+    "preprocess_cached device params matrix "
     "diagnostics fallback source_image target_image source_landmarks target_landmarks diagonal"
 ).split()
 
@@ -146,7 +147,7 @@ def result_row(pair: dict, method: str, run: Path, rng) -> dict:
     write_landmarks(run / "warped-landmarks" / method / f"{pair['pair_id']}.csv", moved)
     diag = math.hypot(H, W)
     row = {"pair_id": pair["pair_id"], "tissue": pair["tissue"], "method": method, "method_version": "1",
-           "status": status, "error": error, "time_s": wall, "time_cpu_s": cpu, "time_preprocess_s": t_pre,
+           "status": status, "error": error, "time_s": wall, "time_source": "measured", "time_cpu_s": cpu, "time_preprocess_s": t_pre,
            "device": "cpu", "params": "{}", "matrix": json.dumps(matrix.tolist()), "diagnostics": "{}",
            "fallback": fallback, "source_image": str(f / "source.jpg"), "target_image": str(f / "target.jpg"),
            "source_landmarks": str(f / "source.csv"), "diagonal": diag, "success": False,
@@ -166,7 +167,7 @@ def make_run(run: Path, table: Path, pairs: list[dict], methods=("identity", "or
     rows = [result_row(p, m, run, rng) for p in pairs for m in methods]
     pd.DataFrame(rows, columns=COLUMNS).to_csv(run / "results.csv", index=False)
     manifest = {
-        "schema_version": 1, "command": "tests/test_report.py make_run", "git_commit": "n/a (test fixture)",
+        "schema_version": 2, "command": "tests/test_report.py make_run", "git_commit": "n/a (test fixture)",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": {"cpus": 2}, "packages": {"numpy": np.__version__},
         "dataset": {"path": str(table), "sha256": file_digest(table), "n_pairs": len(pairs)},
         "preprocess": {"params": {}}, "methods": {m: {"version": "1", "params": {}} for m in methods},
@@ -446,7 +447,7 @@ def test_clear_errors(run_dir, tmp_path):
     (foreign / "results.csv").write_text("a,b\n1,2\n")
     with pytest.raises(ReportError, match="no run.json"):
         build_report([foreign])
-    (foreign / "run.json").write_text(json.dumps({"schema_version": 1}))
+    (foreign / "run.json").write_text(json.dumps({"schema_version": 2}))
     with pytest.raises(ReportError, match="not a histreg-bench results file"):
         build_report([foreign])
     old = _copy_run(run_dir, tmp_path / "old")

@@ -26,26 +26,19 @@ import numpy as np
 import pandas as pd
 
 from bench.datasets.anhir import DatasetError, LandmarkError, load_table, read_landmarks
+from bench.schema import (
+    BOOL_COLUMNS,
+    COLUMNS,
+    FAILURE_STATUSES,
+    MANIFEST,
+    NUMERIC_COLUMNS,
+    RESULTS,
+    SCHEMA_VERSION,
+    WARPED,
+)
 
-SCHEMA_VERSION = 1  # the run.json / results.csv schema this report reads
-RESULTS = "results.csv"
-MANIFEST = "run.json"
-WARPED = "warped-landmarks"
 DEFAULT_THRESHOLD = 0.035
-
-REQUIRED_COLUMNS = (
-    "pair_id", "tissue", "method", "method_version", "status", "error", "n_landmarks",
-    "rtre_median", "rtre_mean", "rtre_max", "rtre_min", "rtre_std", "ire_median", "robustness",
-    "success", "time_s", "time_cpu_s", "time_preprocess_s", "device", "params", "matrix",
-    "diagnostics", "fallback", "source_image", "target_image", "source_landmarks",
-    "target_landmarks", "diagonal",
-)  # fmt: skip
-NUMERIC_COLUMNS = (
-    "n_landmarks", "rtre_median", "rtre_mean", "rtre_max", "rtre_min", "rtre_std", "ire_median",
-    "robustness", "time_s", "time_cpu_s", "time_preprocess_s", "diagonal",
-)  # fmt: skip
-BOOL_COLUMNS = ("success", "fallback")
-FAILURE_STATUSES = ("failed", "timeout")
+REQUIRED_COLUMNS = COLUMNS
 # the paper's row order (Initial, Preprocessed, Proposed, SIFT, SURF, Iterative); other methods follow
 PAPER_ORDER = ("identity", "preprocessed", "learned", "sift", "surf", "iterative", "elastix")
 
