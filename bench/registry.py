@@ -73,6 +73,10 @@ def names() -> list[str]:
 def get(name: str) -> type[Method]:
     """The method class registered as ``name``; unknown names raise with a did-you-mean hint."""
     discover()
+    if name not in _REGISTRY and any(ch in name for ch in "|>()"):
+        from bench import compose  # a composition expression, e.g. "sift|iterative" (docs/compose.md)
+
+        return compose.composite_class(name)
     try:
         return _REGISTRY[name]
     except KeyError:
