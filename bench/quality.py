@@ -1,15 +1,66 @@
 """Landmark-free checks of a finished alignment, the same for every method.
 
 ``matrix_problem`` says why an affine matrix is degenerate; ``alignment_evidence`` measures how much more two
-aligned images share than the same images slightly shifted; ``alignment_quality`` turns that into the
-``quality`` column the harness writes on every row it can compute it for (higher = better aligned).
-The methods' own failure checks (sift, surf, iterative, elastix) use the same functions.
+aligned images share than the same images slightly shifted; ``alignment_quality`` is the ``quality`` column
+the harness writes on every ``ok`` row (higher = better aligned; docs/quality.md).
+
+The acceptance checks the methods share (sift, surf, iterative, elastix) live here too, declared once:
+:class:`AcceptanceParams` (a method's ``Params`` inherits it, so ``--set sift.min_evidence=1.1`` works and
+``run.json`` stays flat) and :func:`accept`, which raises :class:`bench.RegistrationFailed` with the reason.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import cv2
 import numpy as np
+
+from bench.method import RegistrationFailed
+
+
+@dataclass(frozen=True)
+class AcceptanceParams:
+    """The failure checks shared by the methods that can tell they failed (sift, surf, iterative, elastix).
+
+    A method's ``Params`` dataclass inherits these fields (``class SiftParams(AcceptanceParams)``), so each
+    is set per method (``--set iterative.min_evidence=0``) and recorded with the method's other parameters.
+    """
+
+    min_scale: float = 0.5  # sqrt(|det A|) outside [min_scale, max_scale]: degenerate
+    max_scale: float = 2.0
+    max_anisotropy: float = 1.5  # ratio of the singular values of A above this: degenerate (shear)
+    min_evidence: float = 1.2  # alignment_evidence contrast (MI aligned / MI shifted) below this: failed; 0 = off
+    evidence_sigma: float = 4.0  # band-pass scale of that check, pixels
+
+
+def accept(fixed: Any, moving: Any, matrix: np.ndarray, params: AcceptanceParams) -> dict[str, float]:
+    """Check a method's answer: raise :class:`bench.RegistrationFailed` with the reason, else return the
+    evidence diagnostics.
+
+    The matrix (moving -> fixed working pixels) must not be degenerate (:func:`matrix_problem`), and, unless
+    ``params.min_evidence`` is 0, the two views (:class:`bench.ImageView`) aligned by it must share structure:
+    :func:`alignment_evidence` contrast at least ``params.min_evidence``.
+
+    Returns
+    -------
+    dict
+        ``evidence_mi``, ``evidence_mi_shifted``, ``evidence_contrast`` (rounded to 4 digits); empty when the
+        evidence check is off.
+    """
+    problem = matrix_problem(matrix, params.min_scale, params.max_scale, params.max_anisotropy)
+    if problem:
+        raise RegistrationFailed(problem)
+    if params.min_evidence <= 0:
+        return {}
+    ev = alignment_evidence(fixed.image, fixed.mask, moving.image, moving.mask, matrix, params.evidence_sigma)
+    if ev["contrast"] < params.min_evidence:
+        raise RegistrationFailed(
+            f"no shared structure after alignment: band-pass MI {ev['mi']:.4f} vs {ev['mi_shifted']:.4f} "
+            f"when shifted (contrast {ev['contrast']:.2f} < {params.min_evidence})"
+        )
+    return {f"evidence_{k}": round(v, 4) for k, v in ev.items()}
 
 
 def matrix_problem(matrix: np.ndarray, min_scale: float, max_scale: float, max_anisotropy: float) -> str | None:
@@ -36,9 +87,6 @@ def matrix_problem(matrix: np.ndarray, min_scale: float, max_scale: float, max_a
     if s[0] / s[1] > max_anisotropy:
         return f"degenerate matrix: anisotropy (shear) {s[0] / s[1]:.3f} > {max_anisotropy}"
     return None
-
-
-
 
 
 def band_pass(image: np.ndarray, sigma: float) -> np.ndarray:

@@ -12,7 +12,8 @@ descriptors ``(N, D)`` for each image; :func:`register_features` does the rest:
    repeated (kept when it has more inliers);
 4. refusal, with the reason, of too few inliers, inliers that chance would explain (an a-contrario number of
    false alarms, :func:`nfa`), a degenerate matrix (scale outside a range, strong anisotropy / shear, a
-   reflection), or an alignment after which the images share no structure (:func:`alignment_evidence`).
+   reflection), or an alignment after which the images share no structure (the shared checks of
+   :func:`bench.quality.accept`).
 """
 
 from __future__ import annotations
@@ -25,14 +26,16 @@ import numpy as np
 from scipy.special import gammaln
 
 from bench import Estimate, RegistrationFailed
-from bench.quality import alignment_evidence, matrix_problem
+from bench.quality import AcceptanceParams, accept, matrix_problem
 
 _ESTIMATORS = {"magsac": cv2.USAC_MAGSAC, "ransac": cv2.RANSAC}
 
 
 @dataclass(frozen=True)
-class MatchParams:
-    """Parameters shared by every feature-based method (matching, estimation, failure checks)."""
+class MatchParams(AcceptanceParams):
+    """Parameters shared by every feature-based method (matching, estimation); the failure checks'
+    ``min_scale``, ``max_scale``, ``max_anisotropy``, ``min_evidence`` and ``evidence_sigma`` come from
+    :class:`bench.quality.AcceptanceParams`."""
 
     ratio: float = 0.9  # Lowe's ratio test among the gated candidates: keep a match if d1 < ratio * d2
     mutual: bool = False  # keep only mutual nearest neighbours as well
@@ -46,11 +49,6 @@ class MatchParams:
     min_inlier_ratio: float = 0.0  # inliers / ratio-test matches below this: RegistrationFailed (0 = off)
     max_nfa: float = 1e-3  # a-contrario test: expected number of random models this good (see nfa)
     guided_gate: float = 0.02  # re-match within this x fixed diagonal of the first fit's prediction; 0 = off
-    min_evidence: float = 1.2  # alignment_evidence contrast below this: no shared structure; 0 = off (as iterative)
-    evidence_sigma: float = 4.0  # band-pass scale of that check, pixels
-    min_scale: float = 0.5  # sqrt(|det A|) outside [min_scale, max_scale]: degenerate
-    max_scale: float = 2.0
-    max_anisotropy: float = 1.5  # ratio of the singular values of A above this: degenerate (shear)
     blur: float = 1.5  # Gaussian sigma (pixels of the detection image) before detection; 0 = none
     upright: bool = True  # no orientation assignment (the preprocessing already fixed the rotation)
     clahe_clip: float = 2.0  # CLAHE clip limit on the uint8 images before detection; 0 = off
@@ -323,7 +321,7 @@ def register_features(
         Shape of the fixed image: the search area of the a-contrario test when there is no gate (default:
         the fixed keypoints' bounding box).
     views : (fixed ImageView, moving ImageView), optional
-        For the final check that the aligned images share structure (:func:`alignment_evidence`).
+        For the final check that the aligned images share structure (:func:`bench.quality.accept`).
     compatible : (N, M) uint8 array, optional
         1 where a moving and a fixed keypoint may be matched at all (e.g. :func:`orientation_compatible`);
         combined with the position gate.
@@ -413,10 +411,9 @@ def register_features(
     diag["guided"] = guided_problem is None
     if guided_problem is not None and first_problem is not None:
         raise fail(first_problem)  # else the guided fit, or the first one when the guided search failed
-    if p.min_evidence > 0 and views is not None:
-        fixed, moving = views
-        ev = alignment_evidence(fixed.image, fixed.mask, moving.image, moving.mask, matrix, p.evidence_sigma)
-        diag.update({f"evidence_{k}": round(v, 4) for k, v in ev.items()})
-        if ev["contrast"] < p.min_evidence:
-            raise fail(f"no shared structure after alignment: contrast {ev['contrast']:.2f} < {p.min_evidence}")
+    if views is not None:  # the shared checks (the matrix passed matrix_problem above; the evidence here)
+        try:
+            diag.update(accept(views[0], views[1], matrix, p))
+        except RegistrationFailed as exc:
+            raise fail(str(exc)) from None
     return Estimate(matrix, diag)

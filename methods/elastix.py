@@ -9,8 +9,8 @@ Metric: AdvancedMattesMutualInformation (as ``iterative``, and for the same reas
 by an unknown non-linear intensity mapping); optimiser: elastix's AdaptiveStochasticGradientDescent with
 new random samples every iteration; a smoothing pyramid. Like ``iterative``, it reports failure when the
 result is degenerate or the aligned images share no structure
-(:func:`bench.methods._features.alignment_evidence`), and keeps the start when the Mattes MI at the result
-is worse than there.
+(the shared checks of :func:`bench.quality.accept`), and keeps the start when the Mattes MI at the result
+is worse than there (:mod:`bench.methods._intensity`, shared with ``iterative``).
 
 elastix maps *fixed* points to *moving* points: ``T(x) = A (x - c) + c + t`` with the parameters
 ``(a11, a12, a21, a22, tx, ty)`` and ``CenterOfRotationPoint`` ``c`` (physical = pixel (x, y) here); the
@@ -23,14 +23,16 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
-from bench.methods.iterative import IterativeParams, checked_estimate, dilated, tissue_centre
+from bench.methods._intensity import dilated, finish, full_metric, metric_mask, tissue_centre, to_sitk
 
 from bench import Context, Estimate, ImageView, Method, RegistrationFailed, register
+from bench.quality import AcceptanceParams
 
 
 @dataclass(frozen=True)
-class ElastixParams:
-    """Typed, defaulted parameters of ``elastix`` (elastix parameter-map entries in brackets)."""
+class ElastixParams(AcceptanceParams):
+    """Typed, defaulted parameters of ``elastix`` (elastix parameter-map entries in brackets; the failure
+    checks' from :class:`bench.quality.AcceptanceParams`)."""
 
     resolutions: int = 4  # [NumberOfResolutions]
     iterations: int = 500  # [MaximumNumberOfIterations] per resolution
@@ -40,11 +42,6 @@ class ElastixParams:
     use_fixed_mask: bool = True  # sample only inside the (dilated) fixed tissue mask
     mask_dilation: int = 15  # pixels
     threads: int = 1  # elastix threads (1: reproducible)
-    min_scale: float = 0.5
-    max_scale: float = 2.0
-    max_anisotropy: float = 1.5
-    min_evidence: float = 1.2  # as ``iterative``
-    evidence_sigma: float = 4.0
 
 
 def parameter_map(p: ElastixParams, seed: int) -> dict[str, Any]:
@@ -145,18 +142,14 @@ class Elastix(Method):
                  diag: dict) -> Estimate:
         """Same failure checks as ``iterative`` (Mattes MI measured with SimpleITK at start and end)."""
         import SimpleITK as sitk
-        from bench.methods.iterative import _full_metric, _to_sitk
 
         p: ElastixParams = self.params
-        ip = IterativeParams(metric="mattes", histogram_bins=p.histogram_bins)
-        f_img, m_img = _to_sitk(fixed.image), _to_sitk(moving.image)
-        mask = None
-        if p.use_fixed_mask and not fixed.mask.all():
-            mask = sitk.GetImageFromArray(dilated(fixed.mask, p.mask_dilation))
+        f_img, m_img = to_sitk(fixed.image), to_sitk(moving.image)
+        mask = metric_mask(fixed, p.use_fixed_mask, p.mask_dilation)
         result = sitk.AffineTransform(2)
         result.SetMatrix(f2m[:2, :2].ravel().tolist())
         result.SetTranslation(f2m[:2, 2].tolist())
-        start = _full_metric(ip, f_img, m_img, sitk.AffineTransform(2), mask)
-        end = _full_metric(ip, f_img, m_img, result, mask)
+        start = full_metric(f_img, m_img, sitk.AffineTransform(2), mask, "mattes", p.histogram_bins)
+        end = full_metric(f_img, m_img, result, mask, "mattes", p.histogram_bins)
         diag.update(metric="mattes", metric_start=start, metric_end=end)
-        return checked_estimate(fixed, moving, matrix, diag, p, f"(Mattes MI {start:.4f} -> {end:.4f})")
+        return finish(fixed, moving, matrix, diag, p, f"(Mattes MI {start:.4f} -> {end:.4f})")

@@ -13,10 +13,12 @@ SimpleITK's ``AffineTransform`` maps *fixed* points to *moving* points (physical
 1 and origin 0, so physical = pixel (x, y)); the estimate is its inverse, moving -> fixed.
 
 Failure is reported (:class:`bench.RegistrationFailed`) when the masks are empty, the result is degenerate (scale, shear, reflection) or, after alignment,
-the two images share no structure (band-pass correlation inside the common tissue below a floor: what an
+the two images share no structure (band-pass mutual information inside the common tissue no higher than
+when shifted: what an
 unrelated pair or a collapse onto the tissue outline gives). When the optimiser ends at a worse
 full-resolution metric than its start, the start (the preprocessing's alignment) is returned instead,
-recorded as ``kept_start`` in the diagnostics (:func:`keep_better_start`).
+recorded as ``kept_start`` in the diagnostics (:func:`bench.methods._intensity.keep_better_start`). The
+failure checks and their parameters are the ones every method shares (:func:`bench.quality.accept`).
 """
 
 from __future__ import annotations
@@ -24,16 +26,24 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import cv2
 import numpy as np
+from bench.methods._intensity import (
+    finish,
+    full_metric,
+    metric_mask,
+    set_metric,
+    tissue_centre,
+    to_sitk,
+)
 
 from bench import Context, Estimate, ImageView, Method, RegistrationFailed, register
-from bench.quality import alignment_evidence, matrix_problem
+from bench.quality import AcceptanceParams
 
 
 @dataclass(frozen=True)
-class IterativeParams:
-    """Typed, defaulted parameters of ``iterative``."""
+class IterativeParams(AcceptanceParams):
+    """Typed, defaulted parameters of ``iterative`` (the failure checks' from
+    :class:`bench.quality.AcceptanceParams`)."""
 
     metric: Literal["mattes", "correlation"] = "mattes"
     histogram_bins: int = 32  # Mattes MI
@@ -54,29 +64,6 @@ class IterativeParams:
     threads: int = 1  # 1: bit-for-bit deterministic; 0: SimpleITK's global default (multi-threaded sums vary)
     use_fixed_mask: bool = True  # sample the metric only inside the (dilated) fixed tissue mask
     mask_dilation: int = 15  # pixels
-    min_scale: float = 0.5  # sqrt(|det A|) outside [min_scale, max_scale]: degenerate
-    max_scale: float = 2.0
-    max_anisotropy: float = 1.5  # ratio of the singular values of A above this: degenerate (shear)
-    min_evidence: float = 1.2  # alignment_evidence contrast (MI aligned / MI shifted) below this: failed
-    evidence_sigma: float = 4.0  # band-pass scale of that check, pixels
-
-
-def tissue_centre(image: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
-    """Intensity-weighted centre of mass (x, y) of the tissue of a (H, W) image (its centre if none)."""
-    m = cv2.moments(np.where(mask, image, 0).astype(np.float32))
-    if m["m00"] <= 0:
-        h, w = image.shape
-        return (w - 1) / 2.0, (h - 1) / 2.0
-    return m["m10"] / m["m00"], m["m01"] / m["m00"]
-
-
-def dilated(mask: np.ndarray, dilation: int) -> np.ndarray:
-    """(H, W) uint8 0/1 mask dilated by ``dilation`` pixels (an ellipse)."""
-    m = np.asarray(mask).astype(np.uint8)
-    if dilation > 0:
-        kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * dilation + 1, 2 * dilation + 1))
-        m = cv2.dilate(m, kernel)
-    return m
 
 
 def sitk_affine_to_matrix(transform: Any) -> np.ndarray:
@@ -114,15 +101,6 @@ def _unwrap(transform: Any) -> Any:
     return tx
 
 
-def _set_metric(reg: Any, p: IterativeParams, mask: Any) -> None:
-    if p.metric == "mattes":
-        reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=p.histogram_bins)
-    else:
-        reg.SetMetricAsCorrelation()
-    if mask is not None:
-        reg.SetMetricFixedMask(mask)
-
-
 def _configure(p: IterativeParams, seed: int, mask: Any) -> Any:
     """A SimpleITK ImageRegistrationMethod with the metric, sampling, optimiser and pyramid of ``p``."""
     import SimpleITK as sitk
@@ -131,7 +109,7 @@ def _configure(p: IterativeParams, seed: int, mask: Any) -> Any:
     if not len(p.smoothing_sigmas) == len(p.sampling) == levels:
         raise ValueError("iterative: shrink_factors, smoothing_sigmas and sampling need the same length")
     reg = sitk.ImageRegistrationMethod()
-    _set_metric(reg, p, mask)
+    set_metric(reg, p.metric, p.histogram_bins, mask)
     reg.SetMetricSamplingStrategy(reg.RANDOM)
     reg.SetMetricSamplingPercentagePerLevel([min(1.0, float(v)) for v in p.sampling], int(seed) % 2**31 + 1)
     reg.SetInterpolator(sitk.sitkLinear)
@@ -158,18 +136,6 @@ def _configure(p: IterativeParams, seed: int, mask: Any) -> Any:
     reg.SetSmoothingSigmasPerLevel([float(v) for v in p.smoothing_sigmas])
     reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
     return reg
-
-
-def _full_metric(p: IterativeParams, fixed: Any, moving: Any, transform: Any, mask: Any) -> float:
-    """The metric of ``transform`` on the full-resolution images, every (masked) pixel sampled."""
-    import SimpleITK as sitk
-
-    ev = sitk.ImageRegistrationMethod()
-    _set_metric(ev, p, mask)
-    ev.SetMetricSamplingStrategy(ev.NONE)
-    ev.SetInterpolator(sitk.sitkLinear)
-    ev.SetInitialTransform(transform, inPlace=False)
-    return float(ev.MetricEvaluate(fixed, moving))
 
 
 def _run_stage(p: IterativeParams, seed: int, fixed: Any, moving: Any, mask: Any, init: Any) -> tuple[Any, dict]:
@@ -238,18 +204,15 @@ class Iterative(Method):
             sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(before)
 
     def _estimate(self, fixed: ImageView, moving: ImageView, context: Context) -> Estimate:
-        import SimpleITK as sitk
 
         p: IterativeParams = self.params
         if not fixed.mask.any() or not moving.mask.any():
             raise RegistrationFailed("empty tissue mask: nothing to register")
-        f_img, m_img = _to_sitk(fixed.image), _to_sitk(moving.image)
-        mask = None
-        if p.use_fixed_mask and not fixed.mask.all():
-            mask = sitk.GetImageFromArray(dilated(fixed.mask, p.mask_dilation))
+        f_img, m_img = to_sitk(fixed.image), to_sitk(moving.image)
+        mask = metric_mask(fixed, p.use_fixed_mask, p.mask_dilation)
         staged = p.stages == "similarity+affine"
         tx = _initial(p, fixed, moving, "similarity" if staged else "affine")
-        start = _full_metric(p, f_img, m_img, tx, mask)
+        start = full_metric(f_img, m_img, tx, mask, p.metric, p.histogram_bins)
         records = []
         if staged:
             tx, rec = _run_stage(p, context.seed, f_img, m_img, mask, tx)
@@ -257,7 +220,7 @@ class Iterative(Method):
             tx = _promote(tx)
         tx, rec = _run_stage(p, context.seed, f_img, m_img, mask, tx)
         records.append(rec)
-        end = _full_metric(p, f_img, m_img, tx, mask)
+        end = full_metric(f_img, m_img, tx, mask, p.metric, p.histogram_bins)
         diag = {
             "stop_condition": " | ".join(r["stop_condition"] for r in records),
             "iterations": sum(r["iterations"] for r in records),
@@ -271,45 +234,5 @@ class Iterative(Method):
 
     def _checked(self, fixed: ImageView, moving: ImageView, matrix: np.ndarray, diag: dict) -> Estimate:
         info = f"(stop: {diag['stop_condition']}; metric {diag['metric_start']:.4f} -> {diag['metric_end']:.4f})"
-        return checked_estimate(fixed, moving, matrix, diag, self.params, info)
+        return finish(fixed, moving, matrix, diag, self.params, info)
 
-
-def checked_estimate(fixed: ImageView, moving: ImageView, matrix: np.ndarray, diag: dict, p: Any,
-                     info: str) -> Estimate:
-    """The intensity-based methods' ending: keep the better of start and result (:func:`keep_better_start`),
-    then raise RegistrationFailed for a degenerate matrix or no shared structure after alignment.
-
-    ``p`` has ``min_scale``, ``max_scale``, ``max_anisotropy``, ``min_evidence`` and ``evidence_sigma``;
-    ``info`` ends every failure message.
-    """
-    matrix = keep_better_start(matrix, diag)
-    problem = matrix_problem(matrix, p.min_scale, p.max_scale, p.max_anisotropy)
-    if problem:
-        raise RegistrationFailed(f"{problem} {info}")
-    ev = alignment_evidence(fixed.image, fixed.mask, moving.image, moving.mask, matrix, p.evidence_sigma)
-    diag.update({f"evidence_{k}": round(v, 4) for k, v in ev.items()})
-    if ev["contrast"] < p.min_evidence:
-        raise RegistrationFailed(
-            f"no shared structure after alignment: band-pass MI {ev['mi']:.4f} vs {ev['mi_shifted']:.4f} "
-            f"when shifted (contrast {ev['contrast']:.2f} < {p.min_evidence}) {info}"
-        )
-    return Estimate(matrix, diag)
-
-
-def keep_better_start(matrix: np.ndarray, diag: dict) -> np.ndarray:
-    """``matrix``, or the identity (the start) when the full-resolution metric there is better.
-
-    The optimiser samples the metric randomly, so from a start that is already optimal (identical
-    images, or a preprocessing result that cannot be improved) it can drift to a slightly worse point;
-    the start is then the better estimate by the method's own criterion. ``diag['kept_start']`` records
-    it (SimpleITK and elastix minimise, so lower metric values are better).
-    """
-    worse = diag["metric_end"] > diag["metric_start"]
-    diag["kept_start"] = bool(worse)
-    return np.eye(3) if worse else matrix
-
-
-def _to_sitk(image: np.ndarray) -> Any:
-    import SimpleITK as sitk
-
-    return sitk.GetImageFromArray(np.ascontiguousarray(image, dtype=np.float32))  # spacing 1, origin 0

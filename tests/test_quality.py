@@ -1,0 +1,96 @@
+"""bench.quality: the acceptance checks the methods share (declared once) and the harness's quality score."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import doctest
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from bench.datasets.synthetic import GeneratorConfig, generate_pair
+from bench.methods.elastix import ElastixParams
+from bench.methods.iterative import Iterative, IterativeParams
+from bench.methods.sift import Sift, SiftParams
+from bench.methods.surf import SurfParams
+
+from bench import ImageView, RegistrationFailed, geometry, quality
+
+SHARED = {f.name: f.default for f in dataclasses.fields(quality.AcceptanceParams)}
+METHODS_DIR = Path(__file__).resolve().parents[1] / "methods"
+
+
+def test_shared_checks_declared_once():
+    assert set(SHARED) == {"min_scale", "max_scale", "max_anisotropy", "min_evidence", "evidence_sigma"}
+    for params in (SiftParams, SurfParams, IterativeParams, ElastixParams):
+        assert issubclass(params, quality.AcceptanceParams), params
+        fields = {f.name: f.default for f in dataclasses.fields(params)}
+        assert {k: fields[k] for k in SHARED} == SHARED  # flat: run.json and --set see them as the method's
+        for cls in params.__mro__:  # no class but AcceptanceParams declares them again
+            if cls is not quality.AcceptanceParams:
+                assert not set(vars(cls).get("__annotations__", {})) & set(SHARED), cls
+    # each method keeps its own values
+    assert Sift(min_evidence=1.5).params.min_evidence == 1.5
+    assert Iterative(max_scale=3.0).params.max_scale == 3.0 and Sift().params.max_scale == 2.0
+
+
+def test_no_method_imports_private_helpers_of_another_module():
+    for path in sorted(METHODS_DIR.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("bench.methods."):
+                private = [a.name for a in node.names if a.name.startswith("_")]
+                assert not private, f"{path.name} imports {private} from {node.module}"
+
+
+@pytest.mark.parametrize("name", ["bench.quality", "bench.methods._intensity"])
+def test_doctests(name):
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0 and result.attempted > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# generated views, built as the shared preprocessing builds them (see tests/test_classical.py)
+
+
+def _view(rgb: np.ndarray, mask: np.ndarray) -> ImageView:
+    gray = 1.0 - cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY).astype(np.float32) / 255.0
+    gray[~mask] = 0.0
+    return ImageView(gray, mask.astype(bool), rgb)
+
+
+def _pair(seed: int, tissue: str, size: int = 400) -> tuple[ImageView, ImageView, np.ndarray]:
+    cfg = GeneratorConfig(size=size, elastic_px=0.0, hole_probability=0.0, dust_probability=0.0,
+                          max_rotation_deg=30.0, max_translation_frac=0.03)
+    p = generate_pair(seed, tissue=tissue, source_stain="HE", target_stain="DAB", config=cfg)
+    h, w = p.target_mask.shape
+    shift = np.argwhere(p.target_mask).mean(0)[::-1] - np.argwhere(p.source_mask).mean(0)[::-1]
+    pre = geometry.translation(*shift)
+    rgb = cv2.warpAffine(p.source_rgb, pre[:2], (w, h), borderValue=(242, 242, 242))
+    mask = cv2.warpAffine(p.source_mask.astype(np.uint8), pre[:2], (w, h), flags=cv2.INTER_NEAREST) > 0
+    return _view(p.target_rgb, p.target_mask), _view(rgb, mask), p.true_matrix @ np.linalg.inv(pre)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return _pair(5, "kidney-like")
+
+
+@pytest.fixture(scope="module")
+def other():
+    return _pair(9, "lung-like")
+
+
+def test_accept_passes_truth_and_refuses_degenerate_and_unrelated(pair, other):
+    fixed, moving, truth = pair
+    p = quality.AcceptanceParams()
+    diag = quality.accept(fixed, moving, truth, p)
+    assert diag["evidence_contrast"] >= p.min_evidence
+    with pytest.raises(RegistrationFailed, match="degenerate"):
+        quality.accept(fixed, moving, truth @ geometry.scaling(3.0), p)
+    with pytest.raises(RegistrationFailed, match="shared structure"):
+        quality.accept(fixed, other[1], np.eye(3), p)
+    assert quality.accept(fixed, other[1], np.eye(3), quality.AcceptanceParams(min_evidence=0)) == {}
