@@ -77,6 +77,24 @@ class GeneratorConfig:
                 raise ValueError(message)
 
 
+@dataclass(frozen=True)
+class Variation:
+    """Harder pairs, on top of a :class:`GeneratorConfig` (the defaults change nothing).
+
+    Kept apart from the config so the embedded sample (keyed by its config) stays what it is.
+    """
+
+    mirror_probability: float = 0.0  # chance the source is mirrored (left-right or top-bottom) before it moves
+    texture_swap_sigma: float = 0.0  # > 0: the source's structure finer than this Gaussian sigma (px at size 800)
+    #                                  comes from another section of the same tissue (cells of another cut)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.mirror_probability <= 1:
+            raise ValueError(f"mirror_probability must be in [0, 1], got {self.mirror_probability}")
+        if self.texture_swap_sigma < 0:
+            raise ValueError(f"texture_swap_sigma must be >= 0, got {self.texture_swap_sigma}")
+
+
 @dataclass
 class SyntheticPair:
     """One generated pair; images are RGB uint8, landmarks ``(N, 2)`` float64 ``(x, y)``."""
@@ -92,6 +110,7 @@ class SyntheticPair:
     seed: int
     source_mask: np.ndarray | None = field(default=None, repr=False)  # (H, W) bool tissue
     target_mask: np.ndarray | None = field(default=None, repr=False)  # (H2, W2) bool tissue
+    mirrored: str = ""  # "lr" or "tb" when the source was mirrored before it was moved (Variation)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -649,11 +668,16 @@ class _Elastic:
 
 
 def _source_frame(rng: np.random.Generator, cfg: GeneratorConfig, mask: np.ndarray,
-                  u: float) -> tuple[np.ndarray, tuple[int, int]]:
-    """Random affine ``A`` (base -> source pixels) and a source canvas ``(h, w)`` holding all the tissue."""
+                  u: float, pre: np.ndarray | None = None) -> tuple[np.ndarray, tuple[int, int]]:
+    """Random affine ``A`` (base -> source pixels) and a source canvas ``(h, w)`` holding all the tissue.
+
+    ``pre`` (3x3, base -> base, e.g. a mirror) is applied before the random affine.
+    """
     h, w = mask.shape
     a0 = random_affine(rng, ((w - 1) / 2, (h - 1) / 2), max_rotation_deg=cfg.max_rotation_deg,
                        scale_range=cfg.scale_range, max_shear=cfg.max_shear)
+    if pre is not None:
+        a0 = a0 @ pre
     contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
     pts = np.concatenate([c.reshape(-1, 2) for c in contours]).astype(np.float64)
     moved = apply(a0, pts)
@@ -720,7 +744,8 @@ def _choose(rng: np.random.Generator, tissue: str | None, source_stain: str | No
 
 
 def generate_pair(seed: int, *, tissue: str | None = None, source_stain: str | None = None,
-                  target_stain: str | None = None, config: GeneratorConfig = GeneratorConfig()) -> SyntheticPair:
+                  target_stain: str | None = None, config: GeneratorConfig = GeneratorConfig(),
+                  variation: Variation = Variation()) -> SyntheticPair:
     """Generate one pair of differently stained sections with exact ground truth.
 
     Parameters
@@ -730,16 +755,20 @@ def generate_pair(seed: int, *, tissue: str | None = None, source_stain: str | N
     tissue, source_stain, target_stain : str, optional
         One of :data:`TISSUES` / :data:`STAINS`; drawn at random when ``None`` (two different stains).
     config : GeneratorConfig
+    variation : Variation
+        Mirrored sources and swapped fine texture; its own random streams, so with its defaults the pair
+        is exactly the one generated without it.
 
     Returns
     -------
     SyntheticPair
         Target ``(H, W, 3)`` with ``max(H, W) == config.size``; source ``(H2, W2, 3)`` sized to hold the
         moved tissue; ``(N, 2)`` landmarks; ``true_matrix`` (3x3) maps source to target pixels, exact
-        up to the elastic part (each component at most ``elastic_px`` in target pixels).
+        up to the elastic part (each component at most ``elastic_px`` in target pixels; its determinant is
+        negative for a mirrored source).
     """
-    streams = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(5)]
-    pick, struct, geom, paint_t, paint_s = streams
+    streams = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(7)]
+    pick, struct, geom, paint_t, paint_s, mirror_rng, swap_rng = streams
     tissue, source_stain, target_stain = _choose(pick, tissue, source_stain, target_stain)
     u = config.size / 800.0
     shape = (int(round(config.size * pick.uniform(*config.aspect_range))), config.size)
@@ -748,10 +777,23 @@ def generate_pair(seed: int, *, tissue: str | None = None, source_stain: str | N
     channels, mask = base_section(struct, tissue, shape, u, config.hole_probability)
     target_landmarks = _landmarks(struct, channels, mask, config.n_landmarks, u)
     elastic = _Elastic.random(geom, config.elastic_px, config.size)
-    a, source_shape = _source_frame(geom, config, mask, u)
+    mirrored, pre = "", None
+    if mirror_rng.random() < variation.mirror_probability:
+        mirrored = "lr" if mirror_rng.random() < 0.5 else "tb"
+        c = ((shape[1] - 1) / 2, (shape[0] - 1) / 2)
+        flip = np.diag([-1.0, 1.0, 1.0]) if mirrored == "lr" else np.diag([1.0, -1.0, 1.0])
+        pre = translation(*c) @ flip @ translation(-c[0], -c[1])
+    a, source_shape = _source_frame(geom, config, mask, u, pre)
     source_landmarks = apply(a, elastic.invert(target_landmarks))
     mx, my = _sampling_maps(a, elastic, source_shape)
-    moved = cv2.remap(channels, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    source_channels = channels
+    if variation.texture_swap_sigma > 0:  # consecutive cuts: same coarse structure, other cells
+        sigma = variation.texture_swap_sigma * u
+        other, _ = base_section(swap_rng, tissue, shape, u, 0.0)
+        soft = _blur(mask.astype(np.float32), 0.6 * u)[..., None]
+        fine = (other - _blur(other, sigma)) * soft
+        source_channels = np.clip(_blur(channels, sigma) + fine, 0, 1.5).astype(np.float32)
+    moved = cv2.remap(source_channels, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
     source_mask = cv2.remap(mask.astype(np.float32), mx, my, cv2.INTER_LINEAR) > 0.5
     target_rgb = render(paint_t, channels, target_stain, u=u, jitter=config.stain_jitter,
                         dust=bool(paint_t.random() < config.dust_probability))
@@ -761,7 +803,7 @@ def generate_pair(seed: int, *, tissue: str | None = None, source_stain: str | N
         source_rgb=source_rgb, target_rgb=target_rgb,
         source_landmarks=source_landmarks, target_landmarks=target_landmarks,
         true_matrix=np.linalg.inv(a), tissue=tissue, source_stain=source_stain,
-        target_stain=target_stain, seed=int(seed), source_mask=source_mask, target_mask=mask,
+        target_stain=target_stain, seed=int(seed), source_mask=source_mask, target_mask=mask, mirrored=mirrored,
     )
 
 
@@ -807,7 +849,8 @@ def write_pair(folder: Path, set_name: str, pair: SyntheticPair, quality: int = 
 
 
 def write_dataset(folder: Path, n_pairs: int, seed: int, config: GeneratorConfig = GeneratorConfig(),
-                  prefix: str = "", *, workers: int | None = None) -> Path:
+                  prefix: str = "", *, workers: int | None = None, variation: Variation = Variation(),
+                  unrelated: bool = False) -> Path:
     """Generate ``n_pairs`` pairs into ``folder`` in the ANHIR layout and return ``folder/dataset.csv``.
 
     Each pair is its own image set ``<prefix><tissue>_<k>/scale-100pc/<stain>.jpg`` (JPEG at
@@ -816,6 +859,10 @@ def write_dataset(folder: Path, n_pairs: int, seed: int, config: GeneratorConfig
     columns; all pairs are ``training`` (every landmark is known). Pairs are generated by ``workers``
     threads (default: up to 4, one per CPU); the output is deterministic for a given
     ``(n_pairs, seed, config)`` whatever the number of workers.
+
+    ``variation`` makes the pairs harder (:class:`Variation`). ``unrelated=True`` writes a table of pairs that
+    must be refused: row ``k`` pairs the source of pair ``k`` with the target of pair ``k + 1`` (another tissue,
+    since tissues take turns; needs at least 2 pairs), so its landmarks do not correspond.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -828,15 +875,20 @@ def write_dataset(folder: Path, n_pairs: int, seed: int, config: GeneratorConfig
 
     def make(index: int) -> list:
         tissue, src, tgt, pair_seed = plan[index]
-        pair = generate_pair(pair_seed, tissue=tissue, source_stain=src, target_stain=tgt, config=config)
+        pair = generate_pair(pair_seed, tissue=tissue, source_stain=src, target_stain=tgt, config=config,
+                             variation=variation)
         paths = write_pair(folder, set_names[index], pair, config.jpeg_quality)
         h, w = pair.target_rgb.shape[:2]
         return [index, paths["Source image"], paths["Source landmarks"], paths["Target image"],
                 paths["Target landmarks"], f"{math.hypot(h, w):.2f}", f"({h}, {w})", "training"]
 
+    if unrelated and n_pairs < 2:
+        raise ValueError("unrelated pairs need at least 2 generated pairs")
     workers = workers or min(4, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         rows = list(pool.map(make, range(n_pairs)))
+    if unrelated:  # source of pair k, target (image, landmarks, diagonal, size) of pair k + 1
+        rows = [row[:3] + rows[(k + 1) % n_pairs][3:] for k, row in enumerate(rows)]
     table = folder / "dataset.csv"
     with table.open("w", newline="") as fh:
         writer = csv.writer(fh)

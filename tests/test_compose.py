@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -310,3 +311,61 @@ def test_cascade_registered_and_runs_end_to_end(tmp_path):
         diag = row["diagnostics"] if isinstance(row["diagnostics"], dict) else json.loads(row["diagnostics"])
         assert diag["decided"] and diag["members"][0]["status"] in ("ok", "failed")
         assert str(row["success"]) == "True" and float(row["quality"]) > 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# the harder generated pairs the cascade is chosen on (datasets/synthetic.py: Variation, unrelated tables)
+
+HARD = dict(size=320, n_landmarks=15, elastic_px=0.0, scale_range=(0.85, 1.2), max_shear=0.08)
+
+
+def test_generator_mirrored_source_has_exact_ground_truth():
+    from bench.datasets.synthetic import GeneratorConfig, Variation, generate_pair
+
+    cfg = GeneratorConfig(**HARD)
+    plain = generate_pair(4, config=cfg)
+    assert plain.mirrored == "" and np.linalg.det(plain.true_matrix) > 0
+    kinds = set()
+    for seed in (4, 5, 6, 7):
+        p = generate_pair(seed, config=cfg, variation=Variation(mirror_probability=1.0))
+        kinds.add(p.mirrored)
+        assert np.linalg.det(p.true_matrix[:2, :2]) < 0
+        np.testing.assert_allclose(geometry.apply(p.true_matrix, p.source_landmarks), p.target_landmarks, atol=1e-6)
+        h, w = p.target_mask.shape
+        back = cv2.warpAffine(p.source_mask.astype(np.uint8), p.true_matrix[:2], (w, h), flags=cv2.INTER_NEAREST) > 0
+        iou = (back & p.target_mask).sum() / (back | p.target_mask).sum()
+        assert iou > 0.95, f"seed {seed}: the mirrored source's tissue does not land on the target's (IoU {iou:.3f})"
+    assert kinds == {"lr", "tb"}
+
+
+def test_generator_texture_swap_keeps_geometry_changes_fine_structure():
+    from bench.datasets.synthetic import GeneratorConfig, Variation, generate_pair
+
+    cfg = GeneratorConfig(**HARD)
+    fine = {}
+    for sigma in (0.0, 3.0):
+        p = generate_pair(9, tissue="kidney-like", source_stain="HE", target_stain="HE", config=cfg,
+                          variation=Variation(texture_swap_sigma=sigma))
+        h, w = p.target_mask.shape
+        gray = [cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY).astype(np.float32) for rgb in (p.target_rgb, p.source_rgb)]
+        back = cv2.warpAffine(gray[1], p.true_matrix[:2], (w, h))
+        band = [cv2.GaussianBlur(g, (0, 0), 1.0) - cv2.GaussianBlur(g, (0, 0), 3.0) for g in (gray[0], back)]
+        inner = cv2.erode(p.target_mask.astype(np.uint8), np.ones((9, 9), np.uint8)) > 0
+        fine[sigma] = float(np.corrcoef(band[0][inner], band[1][inner])[0, 1])
+        fine[f"matrix {sigma}"] = p.true_matrix
+    np.testing.assert_array_equal(fine["matrix 0.0"], fine["matrix 3.0"])  # same geometry
+    assert fine[0.0] > 0.9 and fine[3.0] < fine[0.0] - 0.1, fine  # the target's fine structure is gone
+
+
+def test_generator_unrelated_table_pairs_other_tissues(tmp_path):
+    from bench.datasets.anhir import load_table
+    from bench.datasets.synthetic import GeneratorConfig, write_dataset
+
+    table = write_dataset(tmp_path, 4, seed=1, config=GeneratorConfig(size=200, n_landmarks=5), unrelated=True,
+                          workers=1)
+    pairs = load_table(table)
+    assert len(pairs) == 4
+    for p in pairs:
+        assert Path(p.source_image).parts[-3] != Path(p.target_image).parts[-3]
+    with pytest.raises(ValueError, match="at least 2"):
+        write_dataset(tmp_path / "one", 1, seed=1, config=GeneratorConfig(size=200, n_landmarks=5), unrelated=True)
