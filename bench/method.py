@@ -108,7 +108,12 @@ class Method:
     ``requires``
         importable module names of optional dependencies; missing ones make it *unavailable*;
     ``Params``
-        a frozen dataclass of typed, defaulted parameters (``Method()`` must always work).
+        a frozen dataclass of typed, defaulted parameters (``Method()`` must always work); the
+        ``# comment`` after each field is its one-line description (``python -m bench list NAME``);
+    ``known_limits``
+        contract checks (:mod:`bench.conformance`) the method fails *by design*, each with the reason,
+        e.g. ``{"recovers_rotation": "estimates a translation only"}``. ``python -m bench check`` and
+        the test suite then expect the failure (and report a limit that no longer fails).
     """
 
     name: ClassVar[str] = ""
@@ -118,6 +123,7 @@ class Method:
     devices: ClassVar[tuple[str, ...]] = ("cpu",)
     requires: ClassVar[tuple[str, ...]] = ()
     Params: ClassVar[type] = NoParams
+    known_limits: ClassVar[dict[str, str]] = {}
 
     def __init__(self, **params: Any) -> None:
         self.params = make_params(self.Params, params, owner=self.name)
@@ -152,6 +158,106 @@ class Method:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.params_dict()})"
+
+
+@dataclass(frozen=True)
+class ParamInfo:
+    """One parameter as ``bench list NAME`` shows it."""
+
+    name: str
+    type: str
+    default: Any
+    help: str
+
+
+def describe_params(params_cls: type) -> list[ParamInfo]:
+    """Name, type, default and one-line description of every field of a parameters dataclass.
+
+    The description is the field's ``metadata["help"]`` when given, else the ``# comment`` that ends the
+    field's line in the source (the style of every method here), else the comment lines just above it.
+
+    >>> @dataclass(frozen=True)
+    ... class P:
+    ...     ratio: float = 0.8  # Lowe's ratio test
+    ...     mode: typing.Literal["a", "b"] = "a"
+    >>> [(p.name, p.type, p.default) for p in describe_params(P)]
+    [('ratio', 'float', 0.8), ('mode', "'a' | 'b'", 'a')]
+    """
+    hints = typing.get_type_hints(params_cls)
+    comments: dict[str, str] = {}
+    for base in reversed(params_cls.__mro__):  # fields inherited from a base dataclass keep its comments
+        if dataclasses.is_dataclass(base):
+            comments.update(_field_comments(base))
+    out = []
+    for f in dataclasses.fields(params_cls):
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = dataclasses.MISSING
+        help_text = str(f.metadata.get("help", "")) or comments.get(f.name, "")
+        out.append(ParamInfo(f.name, _type_name(hints.get(f.name, f.type)), default, help_text))
+    return out
+
+
+def _type_name(typ: Any) -> str:
+    if typing.get_origin(typ) is typing.Literal:
+        return " | ".join(repr(a) for a in typing.get_args(typ))
+    if isinstance(typ, type) and typing.get_origin(typ) is None:
+        return typ.__name__
+    return str(typ).replace("typing.", "").replace("NoneType", "None")
+
+
+def _field_comments(cls: type) -> dict[str, str]:
+    """``{field: comment}`` from the class body's source: the comment ending a field's line, else the
+    comment lines just above it. Read with :mod:`tokenize`, so a ``#`` inside a string is no comment;
+    empty when the source is not available (e.g. a class made in an interactive session)."""
+    import inspect
+    import io
+    import textwrap
+    import tokenize
+
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):
+        return {}
+    comments: dict[str, str] = {}
+    above: list[str] = []
+    line_start, first, field_name, depth, class_indent = True, None, None, 0, None
+    try:
+        tokens = list(tokenize.generate_tokens(io.StringIO(source).readline))
+    except (tokenize.TokenError, SyntaxError):
+        return {}
+    for i, tok in enumerate(tokens):
+        if tok.type == tokenize.INDENT and class_indent is None:
+            class_indent = tok.end[1]
+        if tok.type == tokenize.COMMENT:
+            if field_name and tok.start[0] == first:
+                comments[field_name] = tok.string.lstrip("#").strip()
+            elif line_start:
+                above.append(tok.string.lstrip("#").strip())
+            continue
+        if tok.type in (tokenize.NL, tokenize.INDENT, tokenize.DEDENT):
+            if tok.type == tokenize.NL and line_start and not tok.line.strip():
+                above = []  # a blank line ends a comment block
+            continue
+        if tok.type == tokenize.NEWLINE:
+            line_start, field_name = True, None
+            continue
+        if tok.type == tokenize.OP:
+            depth += tok.string in "([{"
+            depth -= tok.string in ")]}"
+        if line_start:
+            line_start, first = False, tok.start[0]
+            nxt = tokens[i + 1] if i + 1 < len(tokens) else None
+            at_body = class_indent is not None and tok.start[1] == class_indent and depth == 0
+            if tok.type == tokenize.NAME and at_body and nxt is not None and nxt.string == ":":
+                field_name = tok.string
+                if above:
+                    comments[field_name] = " ".join(above)
+            above = []
+    return comments
 
 
 def _coerce(value: Any, typ: Any, where: str) -> Any:

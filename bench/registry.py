@@ -1,8 +1,19 @@
 """The method registry: methods register by name on import; the registry finds them.
 
 Every module in the ``bench.methods`` package (the project's ``methods/`` folder) is imported on first
-use, and each registers its class with :func:`register`. Extra modules can be loaded with
-``--plugin my.module`` or through the ``bench.methods`` entry-point group of another installed package.
+use, and each registers its class with :func:`register`. Methods from outside the project load as
+*plugins*, named on the command line (``--plugin``) or by an entry point of another installed package in
+the ``bench.methods`` group. A plugin is one of:
+
+* a module name, ``my_package.my_methods`` (imported; also found in the current folder, as
+  ``python -m`` would);
+* a ``.py`` file, ``/path/to/my_methods.py`` or ``my_methods.py`` (loaded under a module name made from
+  its resolved path, so every process that loads the same file gets the same module and the same classes);
+* either of those followed by ``:Class``, ``my_package.my_methods:MyMethod``: the module is imported and
+  ``Class`` registered (decorating it with :func:`register` is then optional).
+
+A plugin the user names that cannot be loaded raises :class:`PluginError` (one line: which plugin, why);
+a broken entry point or built-in module only makes its methods *unavailable*, listed with the reason.
 Optional heavy dependencies (torch, mahotas ...) must be imported inside the method, not at module
 level, so a missing one makes the method *unavailable* instead of breaking the registry.
 """
@@ -10,21 +21,41 @@ level, so a missing one makes the method *unavailable* instead of breaking the r
 from __future__ import annotations
 
 import difflib
+import hashlib
 import importlib
+import importlib.machinery
 import importlib.metadata
+import importlib.util
+import os
 import pkgutil
+import re
+import sys
+import traceback
 from dataclasses import dataclass
+from pathlib import Path
 
 from bench.method import Method
 
 _REGISTRY: dict[str, type[Method]] = {}
 _BROKEN: dict[str, str] = {}  # module name -> import error, shown as unavailable
+_PLUGINS: dict[str, list[type[Method]]] = {}  # plugin spec as given -> the classes it registered
 _DISCOVERED = False
+_NAME = re.compile(r"[a-z0-9][a-z0-9_.+-]*")
 
 
 class UnknownMethodError(KeyError):
+    """A method name that is not registered, or that cannot run here."""
+
     def __str__(self) -> str:  # KeyError quotes its message otherwise
         return str(self.args[0])
+
+
+class PluginError(UnknownMethodError):
+    """A plugin the user named cannot be loaded; the message names the plugin and the cause, on one line.
+
+    A subclass of :class:`UnknownMethodError`, so callers that turn registry errors into a clean error
+    line (``bench.runner.plan``) handle it too.
+    """
 
 
 def register(cls: type[Method]) -> type[Method]:
@@ -32,8 +63,9 @@ def register(cls: type[Method]) -> type[Method]:
     if not (isinstance(cls, type) and issubclass(cls, Method)):
         raise TypeError(f"{cls!r} is not a Method subclass")
     name = cls.name
-    if not name or name != name.strip().lower() or "," in name or " " in name:
-        raise ValueError(f"{cls.__qualname__}: method name must be a non-empty lower-case word, got {name!r}")
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ValueError(f"{cls.__qualname__}: method name must be a non-empty lower-case word "
+                         f"(letters, digits, _ . + -), got {name!r}")
     old = _REGISTRY.get(name)
     if old is not None and (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):
         raise ValueError(f"method name {name!r} is already registered by {old.__module__}.{old.__qualname__}")
@@ -42,7 +74,11 @@ def register(cls: type[Method]) -> type[Method]:
 
 
 def discover(plugins: list[str] | tuple[str, ...] = ()) -> None:
-    """Import the built-in methods (once), entry-point plugins and the given plugin modules."""
+    """Import the built-in methods and entry-point plugins (once), then the given plugins.
+
+    Raises :class:`PluginError` when one of ``plugins`` cannot be loaded. Loading the same plugin again
+    (another call, or another process given the same string) is a no-op.
+    """
     global _DISCOVERED
     if not _DISCOVERED:
         import bench.methods as pkg
@@ -52,10 +88,139 @@ def discover(plugins: list[str] | tuple[str, ...] = ()) -> None:
                 continue
             _import(f"{pkg.__name__}.{info.name}")
         for ep in importlib.metadata.entry_points(group="bench.methods"):
-            _import(ep.value)
+            try:
+                load_plugin(ep.value)
+            except PluginError as exc:  # another package's broken entry point must not break the registry
+                _BROKEN[f"entry point {ep.name} = {ep.value}"] = str(exc)
         _DISCOVERED = True
-    for mod in plugins:
-        importlib.import_module(mod)  # a plugin the user names must import: let the error show
+    for spec in plugins:
+        load_plugin(spec)
+
+
+def load_plugin(spec: str) -> list[type[Method]]:
+    """Load one plugin (``module``, ``file.py``, either with ``:Class``); returns the classes it registered.
+
+    >>> load_plugin("bench.methods.identity:Identity")[0].name
+    'identity'
+    >>> load_plugin("no_such_module_xyz")
+    Traceback (most recent call last):
+    ...
+    bench.registry.PluginError: plugin 'no_such_module_xyz': no module or file of that name ...
+    """
+    spec = str(spec).strip()
+    if spec in _PLUGINS:
+        return _PLUGINS[spec]
+    target, attr = _split_spec(spec)
+    before = dict(_REGISTRY)
+    try:
+        module = _load_module(target, spec)
+        if attr:
+            obj = module
+            for part in attr.split("."):
+                obj = getattr(obj, part, None)
+                if obj is None:
+                    raise PluginError(f"plugin {spec!r}: {module.__name__} has no attribute {attr!r}")
+            if not (isinstance(obj, type) and issubclass(obj, Method)):
+                raise PluginError(f"plugin {spec!r}: {attr} is {obj!r}, not a bench.Method subclass")
+            register(obj)
+    except ValueError as exc:  # register(): a bad or duplicate name
+        raise PluginError(f"plugin {spec!r}: {exc}") from exc
+    added = [c for n, c in _REGISTRY.items() if before.get(n) is not c]
+    if attr:
+        added = added or [obj]
+    _PLUGINS[spec] = added
+    return added
+
+
+def _split_spec(spec: str) -> tuple[str, str]:
+    """``"pkg.mod:Class"`` -> ``("pkg.mod", "Class")``; a trailing ``:Name`` only (never a drive letter)."""
+    head, sep, tail = spec.rpartition(":")
+    if sep and head and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", tail):
+        return head, tail
+    return spec, ""
+
+
+def _is_file_spec(target: str) -> bool:
+    return target.endswith(".py") or os.sep in target or (os.altsep is not None and os.altsep in target)
+
+
+def plugin_module_name(path: str | Path) -> str:
+    """The module name a plugin file is loaded under: its stem and a digest of its resolved path.
+
+    The same file always gets the same name (in every worker process); two files of the same name in
+    different folders do not collide, and none shadows an installed module.
+
+    >>> plugin_module_name("/tmp/my methods.py").startswith("bench_plugin_my_methods_")
+    True
+    """
+    path = Path(path).expanduser().resolve()
+    stem = re.sub(r"\W", "_", path.stem)
+    return f"bench_plugin_{stem}_{hashlib.sha256(str(path).encode()).hexdigest()[:10]}"
+
+
+def _load_module(target: str, spec: str):
+    if _is_file_spec(target):
+        path = Path(target).expanduser().resolve()
+        if not path.is_file():
+            raise PluginError(f"plugin {spec!r}: no such file {str(path)!r}")
+        name = plugin_module_name(path)
+        if name in sys.modules:
+            return sys.modules[name]
+        loader_spec = importlib.util.spec_from_file_location(name, path)
+        if loader_spec is None or loader_spec.loader is None:
+            raise PluginError(f"plugin {spec!r}: cannot load {str(path)!r} as a Python module")
+        module = importlib.util.module_from_spec(loader_spec)
+        sys.modules[name] = module  # dataclasses and pickling look the module up by name while it runs
+        try:
+            loader_spec.loader.exec_module(module)
+        except BaseException as exc:
+            sys.modules.pop(name, None)
+            if not isinstance(exc, Exception):
+                raise
+            raise PluginError(f"plugin {spec!r} failed to import: {_cause(exc, path)}") from exc
+        return module
+    try:
+        return _import_name(target)
+    except PluginError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any error of the user's module becomes one clear line
+        raise PluginError(f"plugin {spec!r} failed to import: {_cause(exc, None)}") from exc
+
+
+def _import_name(target: str):
+    """Import a module by name; the current folder is searched too (last), as ``python -m`` would."""
+    try:
+        return importlib.import_module(target)
+    except ModuleNotFoundError as exc:
+        if not _is_missing(exc, target):
+            raise  # the plugin itself imports something missing: a cause, reported by the caller
+        cwd = os.getcwd()
+        top = target.split(".")[0]
+        if cwd in sys.path or importlib.machinery.PathFinder.find_spec(top, [cwd]) is None:
+            raise PluginError(f"plugin {target!r}: no module or file of that name (looked in sys.path and "
+                              f"{cwd}; a file needs its .py suffix or a folder in its path)") from None
+        sys.path.append(cwd)  # after everything installed: a file here never shadows a library
+        return importlib.import_module(target)
+
+
+def _is_missing(exc: ModuleNotFoundError, target: str) -> bool:
+    """True when ``exc`` says ``target`` (or a package on its path) does not exist."""
+    return bool(exc.name) and (target == exc.name or target.startswith(f"{exc.name}."))
+
+
+def _cause(exc: BaseException, path: Path | None) -> str:
+    """``Type: message`` of an import error, with the file and line where it was raised."""
+    where = ""
+    if isinstance(exc, SyntaxError) and exc.filename:
+        where = f" ({Path(exc.filename).name} line {exc.lineno})"
+    else:
+        frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith("<")]
+        if path is not None:
+            frames = [f for f in frames if Path(f.filename) == path] or frames
+        if frames:
+            where = f" ({Path(frames[-1].filename).name} line {frames[-1].lineno})"
+    message = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {message}{where}"
 
 
 def _import(module: str) -> None:

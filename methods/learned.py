@@ -46,6 +46,10 @@ class Learned(Method):
     uses_preprocessing = True
     devices = ("cpu", "cuda")
     requires = ("torch",)
+    known_limits = {  # contract checks it fails by design (bench.conformance)
+        "recovers_rotation": "recovers about a quarter of a 6 degree rotation (median error 0.02 of the "
+        "diagonal): trained on pairs whose rotation the shared preprocessing had already removed",
+    }
 
     Params = LearnedParams
 
