@@ -44,11 +44,13 @@ __all__ = [
     "params_dict",
     "prepare_pair",
     "rotation_search",
+    "texture_mi",
     "tissue_mask",
     "view_from",
 ]
 
-STAGE_VERSION = "1.1"  # 1.1: the moving view carries its field of view (ImageView.valid)
+STAGE_VERSION = "1.2"  # 1.1: the moving view carries its field of view (ImageView.valid); 1.2: flip test
+# on by default, decided by NCC and, when the NCC is close, by the band-passed texture MI
 
 
 @dataclass(frozen=True)
@@ -88,18 +90,20 @@ class PreprocessParams:
     translation_search: bool = True  # best shift of each candidate angle (FFT), not only the centres
     max_shift: float = 0.25  # largest shift searched, fraction of the longer side
     scale_hint: bool = True  # also search at the tissue areas' scale ratio (the result stays rigid)
-    flip_test: bool = False  # also search the mirrored source (doubles the search; off for speed)
-    flip_margin: float = 0.1  # NCC margin by which the mirrored source must win
+    flip_test: bool = True  # also search the mirrored source (a slide scanned face down)
+    flip_margin: float = 0.1  # NCC lead with which the mirrored source wins outright
+    flip_mi_band: float = 0.03  # NCC leads in (-flip_mi_band, flip_margin]: the texture MI decides
+    flip_mi_size: int = 256  # image size (longer side, px) of the texture MI of the flip test
 
     def __post_init__(self) -> None:
         positive = ("working_size", "mask_size", "rotation_size", "refine_size", "angle_step_deg",
-                    "refine_step_deg", "refine_candidates")
+                    "refine_step_deg", "refine_candidates", "flip_mi_size")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"preprocess.{name} must be > 0, got {getattr(self, name)!r}")
         for name in ("smoothing_sigma", "mask_sigma", "mask_energy_sigma", "mask_min_energy", "mask_close",
                      "mask_open", "mask_shrink", "mask_min_area", "mask_border_thickness", "mask_min_coverage",
-                     "flip_margin", "max_shift"):
+                     "flip_margin", "flip_mi_band", "max_shift"):
             if getattr(self, name) < 0:
                 raise ValueError(f"preprocess.{name} must be >= 0, got {getattr(self, name)!r}")
 
@@ -618,6 +622,8 @@ def rotation_search(
     c_tgt: tuple[float, float],
     params: PreprocessParams | None = None,
     scale_hint: float | None = None,
+    source_mask: np.ndarray | None = None,
+    target_mask: np.ndarray | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Initial rotation: ``c_src`` onto ``c_tgt``, then the full circle of angles by global NCC.
 
@@ -634,20 +640,28 @@ def rotation_search(
     ``scale_hint`` (target / source size of the tissue, e.g. from the masks' areas): when it differs from
     1 by more than 5 %, every step also runs with the source scaled by it, and the better NCC wins. The
     scale only steadies the search: the returned matrix is rigid (mirror aside), as in the paper.
-    The mirrored source is kept only when its NCC beats the unmirrored one by ``flip_margin``.
+    With ``flip_test`` the best candidate of each mirror state is kept and the mirrored one wins when its
+    NCC leads by more than ``flip_margin``; when the lead is in ``(-flip_mi_band, flip_margin]`` (a close
+    call: a global NCC of masked images is dominated by the tissue outline, which a mirror barely changes)
+    the band-passed texture MI of the two candidates decides (:func:`texture_mi`); below, the unmirrored
+    source stays.
 
     Parameters
     ----------
     source, target : (Hs, Ws), (Ht, Wt) float32 working-frame images (masked, tissue bright)
     c_src, c_tgt : (x, y) tissue centres in each image
     scale_hint : optional relative scale to search at besides 1
+    source_mask, target_mask : optional bool tissue masks for the flip test's texture MI (default
+        ``image > 0``)
 
     Returns
     -------
     matrix : (3, 3) source -> target in the working frame
     info : angle_deg, flipped, shift (working px, after the centre move), search_scale, ncc_before
         (identity), ncc_com (centres only), ncc_after, ncc_flipped / ncc_unflipped (best of each
-        mirror state), rotation_coarse_s / rotation_refine_s
+        mirror state), branches (each mirror state's best candidate: angle_deg, shift, search_scale, ncc),
+        flip_lead (ncc_flipped - ncc_unflipped), flip_decision ("off", "ncc" or "texture"),
+        mi_flipped / mi_unflipped (the texture MI, when it decided), rotation_coarse_s / rotation_refine_s
     """
     params = params or PreprocessParams()
     rotate, shifts = params.rotation, params.translation_search
@@ -692,7 +706,20 @@ def rotation_search(
     for a, f, sc, d, v in refined:
         if f not in best or v > best[f][3]:
             best[f] = (a, sc, d, v)
-    flipped = True in best and best[True][3] > best[False][3] + params.flip_margin
+    flipped, decision, lead, mi = False, "off", None, {}
+    if True in best:
+        lead = best[True][3] - best[False][3]
+        decision = "ncc"
+        if lead > params.flip_margin:
+            flipped = True
+        elif lead > -params.flip_mi_band:  # a close call: the texture inside the tissue decides
+            decision = "texture"
+            mats = np.stack([geometry.translation(*best[f][2]) @ candidate_matrices(best[f][0], f, c_src, c_tgt)[0]
+                             for f in (False, True)])
+            values = texture_mi(source, target, mats, params.flip_mi_size, source_mask=source_mask,
+                                target_mask=target_mask)
+            mi = {"mi_unflipped": float(values[0]), "mi_flipped": float(values[1])}
+            flipped = bool(values[1] > values[0])
     angle, scale, shift_w, ncc_after = best[flipped]
     # rigid result: the search scale is dropped about the matched point, which stays where it was put
     matrix = geometry.translation(*shift_w) @ candidate_matrices(angle, flipped, c_src, c_tgt)[0]
@@ -706,10 +733,81 @@ def rotation_search(
         "ncc_after": float(ncc_after),
         "ncc_flipped": float(best[True][3]) if True in best else None,
         "ncc_unflipped": float(best[False][3]),
+        "flip_lead": None if lead is None else float(lead),
+        "flip_decision": decision,
+        "mi_flipped": mi.get("mi_flipped"),
+        "mi_unflipped": mi.get("mi_unflipped"),
+        "branches": {("flipped" if f else "unflipped"): {"angle_deg": float(a), "shift": [float(v) for v in d],
+                                                          "search_scale": float(sc), "ncc": float(v)}
+                     for f, (a, sc, d, v) in best.items()},
         "rotation_coarse_s": t1 - t0,
         "rotation_refine_s": time.perf_counter() - t1,
     }
     return matrix, info
+
+
+def _rank_bins(values: np.ndarray, bins: int) -> np.ndarray:
+    """Equal-frequency bin index (0 .. bins-1) of each value: a rank transform, so any monotonic or
+    non-monotonic relation between two stains' intensities can show up in their joint histogram."""
+    order = np.argsort(values, kind="stable")
+    out = np.empty(values.size, np.intp)
+    out[order] = (np.arange(values.size) * bins) // max(values.size, 1)
+    return out
+
+
+def texture_mi(source: np.ndarray, target: np.ndarray, matrices: np.ndarray, size: int = 256,
+               sigma: float = 2.0, bins: int = 16, source_mask: np.ndarray | None = None,
+               target_mask: np.ndarray | None = None, max_samples: int = 20000) -> np.ndarray:
+    """Mutual information (nats) of the band-passed texture of ``target`` and of ``source`` warped by each
+    working-frame matrix, inside the common tissue away from its outline: the flip test's tie-breaker.
+
+    Both images are reduced to ``size`` px (longer side of the larger), band-passed by a difference of
+    Gaussians (``sigma`` minus ``4 sigma``, pixels of that size), so the tissue outline and slow stain
+    gradients (what a global NCC of masked images mostly measures) drop out and the structure inside the
+    tissue remains; the masks (default: the images' non-zero pixels) are eroded by ``3 sigma`` so the
+    outline's own band-pass response does not count. Rank-binned MI (``bins`` equal-frequency bins per
+    image) allows any relation between the two stains. 0 when the common tissue has under 200 pixels.
+
+    Parameters
+    ----------
+    source, target : (Hs, Ws), (Ht, Wt) float32 working-frame images (masked, tissue bright)
+    matrices : (N, 3, 3) source -> target working-frame maps
+    source_mask, target_mask : bool masks of the two images, or None (``image > 0``)
+
+    Returns
+    -------
+    (N,) float64
+    """
+    r = size / max(*source.shape, *target.shape)
+    out = []
+    reduced = []
+    for img, mask in ((source, source_mask), (target, target_mask)):
+        small, rm = _reduce(np.ascontiguousarray(img, np.float32), r)
+        m = (img > 0) if mask is None else mask
+        m = cv2.resize(m.astype(np.float32), small.shape[::-1], interpolation=cv2.INTER_AREA) > 0.5
+        k = 2 * int(round(3 * sigma)) + 1
+        core = cv2.erode(m.view(np.uint8), np.ones((k, k), np.uint8), borderType=cv2.BORDER_CONSTANT,
+                         borderValue=0)
+        bp = cv2.GaussianBlur(small, (0, 0), sigma) - cv2.GaussianBlur(small, (0, 0), 4 * sigma)
+        reduced.append((bp, core, rm))
+    (bs, cs, rs), (bt, ct, rt) = reduced
+    h, w = bt.shape
+    for matrix in np.asarray(matrices, np.float64).reshape(-1, 3, 3):
+        m2 = (rt @ matrix @ np.linalg.inv(rs))[:2]
+        warped = cv2.warpAffine(bs, m2, (w, h), flags=cv2.INTER_LINEAR)
+        common = cv2.warpAffine(cs, m2, (w, h), flags=cv2.INTER_NEAREST) & ct
+        ys, xs = np.nonzero(common)
+        if ys.size < 200:
+            out.append(0.0)
+            continue
+        step = max(1, ys.size // max_samples)
+        ys, xs = ys[::step], xs[::step]
+        qa, qb = _rank_bins(bt[ys, xs], bins), _rank_bins(warped[ys, xs], bins)
+        joint = np.bincount(qa * bins + qb, minlength=bins * bins).reshape(bins, bins) / qa.size
+        pa, pb = joint.sum(1, keepdims=True), joint.sum(0, keepdims=True)
+        nz = joint > 0
+        out.append(float((joint[nz] * np.log(joint[nz] / (pa @ pb)[nz])).sum()))
+    return np.asarray(out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -810,7 +908,8 @@ def prepare_pair(
     if params.scale_hint and params.mask and not (a.info["fallback"] or b.info["fallback"]):
         areas = [x.view.mask.size * x.info["coverage"] for x in (a, b)]
         hint = float(np.clip(np.sqrt(areas[1] / max(areas[0], 1.0)), 0.8, 1.25))
-    pre, rot = rotation_search(a.view.image, b.view.image, c_src, c_tgt, params, scale_hint=hint)
+    pre, rot = rotation_search(a.view.image, b.view.image, c_src, c_tgt, params, scale_hint=hint,
+                               source_mask=a.view.mask, target_mask=b.view.mask)
     t_rot = time.perf_counter()
     moving = _warp_moving(src.rgb, a.view.mask, pre, tgt.rgb.shape[:2], a.info["glass"], params)
     fixed = b.view

@@ -1,0 +1,244 @@
+"""The flip test of the shared preprocessing studied on generated pairs (docs/preprocessing.md, "Flip test").
+
+Writes generated sets in the ANHIR layout under OUT and measures, for every pair, both mirror branches of
+the rotation search (``bench.preprocess.rotation_search`` with ``flip_test=True``): each branch's best
+candidate, its NCC, the stage's rTRE if that branch were chosen, and candidate decision measures. Only
+generated data: the flip test's thresholds were chosen from these numbers, never from real pairs.
+
+Sets (``N`` base pairs each, generator ``bench.datasets.synthetic``, stains differ within every pair):
+
+* ``whole/plain``: whole sections on glass; the source moved by any rotation, scale 0.85-1.2, shear <= 0.08
+  (the generator's own move), then a gamma change (0.8-1.25);
+* ``whole/mirrored``: the same sources mirrored (left-right or top-bottom at random) after the move;
+* ``fov/plain``: fields of view (each image cropped to its own window of 60-85 % of each side, so tissue
+  fills the frame and the frames do not correspond, like the lung pairs of ANHIR), the source then moved by
+  any rotation, scale 0.85-1.2, shear <= 0.08, gamma 0.8-1.25, on a canvas of its border colour;
+* ``fov/mirrored``: the same, the source mirrored before it is moved.
+
+usage::
+
+    python benchmarks/flip_study.py make OUT [N=32] [SEED=31]      # write the four tables
+    python benchmarks/flip_study.py measure OUT/whole/plain/dataset.csv ... > rows.jsonl
+    python benchmarks/flip_study.py analyse rows.jsonl            # margins, separations, decisions
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+from bench.datasets.anhir import load_table, read_landmarks, write_landmarks
+from bench.datasets.synthetic import TABLE_HEADER, GeneratorConfig, generate_pair
+
+from bench import geometry
+from bench import preprocess as pre
+
+CONFIG = GeneratorConfig(size=800, scale_range=(0.85, 1.2), max_shear=0.08, n_landmarks=30)
+
+
+def _gamma(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    g = float(np.exp(rng.uniform(np.log(0.8), np.log(1.25))))
+    return cv2.LUT(img, (255.0 * (np.arange(256) / 255.0) ** g).clip(0, 255).astype(np.uint8))
+
+
+def _mirror(img: np.ndarray, left_right: bool) -> tuple[np.ndarray, np.ndarray]:
+    """``img`` mirrored left-right or top-bottom, and the (3, 3) map of its pixels."""
+    h, w = img.shape[:2]
+    if left_right:
+        return img[:, ::-1].copy(), np.array([[-1.0, 0, w - 1], [0, 1, 0], [0, 0, 1]])
+    return img[::-1].copy(), np.array([[1.0, 0, 0], [0, -1, h - 1], [0, 0, 1]])
+
+
+def _move(img: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """``img`` moved by a random affine onto a canvas holding all of it, filled with its border colour."""
+    h, w = img.shape[:2]
+    a = geometry.random_affine(rng, ((w - 1) / 2, (h - 1) / 2), max_rotation_deg=180, scale_range=(0.85, 1.2),
+                               max_shear=0.08)
+    corners = geometry.apply(a, np.array([[0, 0], [w - 1, 0], [0, h - 1], [w - 1, h - 1]], float))
+    lo, hi = corners.min(0), corners.max(0)
+    a = geometry.translation(-lo[0] + 20, -lo[1] + 20) @ a
+    size = (int(hi[0] - lo[0] + 41), int(hi[1] - lo[1] + 41))
+    border = np.median(np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]]), axis=0)
+    out = cv2.warpAffine(img, a[:2], size, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
+                         borderValue=tuple(int(v) for v in border))
+    return out, a
+
+
+def _write_table(folder: Path, rows: list[list]) -> Path:
+    with (folder / "dataset.csv").open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(TABLE_HEADER)
+        writer.writerows(rows)
+    return folder / "dataset.csv"
+
+
+def _save(folder: Path, k: int, images, points) -> list:
+    """Write one pair (landmarks outside either image dropped); return its table row."""
+    n = min(len(p) for p in points)
+    keep = np.ones(n, bool)
+    for p, img in zip(points, images, strict=True):
+        h, w = img.shape[:2]
+        keep &= (p[:n, 0] >= 0) & (p[:n, 1] >= 0) & (p[:n, 0] <= w - 1) & (p[:n, 1] <= h - 1)
+    row = [k]
+    for role, img, p in zip(("source", "target"), images, points, strict=True):
+        cv2.imwrite(str(folder / f"{k:02d}_{role}.jpg"), img[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 92])
+        write_landmarks(folder / f"{k:02d}_{role}.csv", p[:n][keep])
+        row += [f"{k:02d}_{role}.jpg", f"{k:02d}_{role}.csv"]
+    h, w = images[1].shape[:2]
+    return row + [f"{np.hypot(h, w):.2f}", f"({h}, {w})", "training"]
+
+
+def make_sets(out: Path, n: int, seed: int) -> list[Path]:
+    """Write ``whole/{plain,mirrored}`` and ``fov/{plain,mirrored}`` (see the module docstring)."""
+    folders = {name: out / name for name in ("whole/plain", "whole/mirrored", "fov/plain", "fov/mirrored")}
+    for f in folders.values():
+        f.mkdir(parents=True, exist_ok=True)
+    rows: dict[str, list] = {name: [] for name in folders}
+    for k in range(n):
+        for kind in ("whole", "fov"):
+            pair_seed = int(np.random.SeedSequence([seed, k, kind == "fov"]).generate_state(1)[0])
+            config = CONFIG if kind == "whole" else GeneratorConfig(
+                size=800, n_landmarks=40, max_rotation_deg=0.0, scale_range=(1.0, 1.0), max_shear=0.0)
+            pair = generate_pair(pair_seed, config=config)
+            rng = np.random.default_rng([seed, k, 7 if kind == "fov" else 3])
+            src, tgt = pair.source_rgb, pair.target_rgb
+            ls, lt = pair.source_landmarks, pair.target_landmarks
+            if kind == "fov":  # each image cut to its own window; the source then moved (mirrored first)
+                cut = []
+                for img, pts in ((src, ls), (tgt, lt)):
+                    h, w = img.shape[:2]
+                    ch, cw = int(h * rng.uniform(0.6, 0.85)), int(w * rng.uniform(0.6, 0.85))
+                    y0, x0 = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+                    cut.append((img[y0:y0 + ch, x0:x0 + cw], pts - [x0, y0]))
+                (src, ls), (tgt, lt) = cut
+                left_right = bool(rng.random() < 0.5)
+                state = rng.bit_generator.state
+                for mirrored in (False, True):
+                    rng.bit_generator.state = state  # the same move for both versions
+                    s, m = (_mirror(src, left_right) if mirrored else (src, np.eye(3)))
+                    moved, a = _move(s, rng)
+                    moved = _gamma(moved, rng)
+                    name = f"fov/{'mirrored' if mirrored else 'plain'}"
+                    rows[name].append(_save(folders[name], k, (moved, tgt), (geometry.apply(a @ m, ls), lt)))
+            else:
+                left_right = bool(rng.random() < 0.5)
+                state = rng.bit_generator.state
+                for mirrored in (False, True):
+                    rng.bit_generator.state = state
+                    s, m = (_mirror(src, left_right) if mirrored else (src, np.eye(3)))
+                    s = _gamma(s, rng)
+                    name = f"whole/{'mirrored' if mirrored else 'plain'}"
+                    rows[name].append(_save(folders[name], k, (s, tgt), (geometry.apply(m, ls), lt)))
+    return [_write_table(folders[name], rows[name]) for name in folders]
+
+
+# ---------------------------------------------------------------------------------------------
+# measuring both branches
+
+
+def _rtre(matrix: np.ndarray, pair) -> float:
+    s, t = read_landmarks(pair.source_landmarks), read_landmarks(pair.target_landmarks)
+    n = min(len(s), len(t))
+    return float(np.median(np.linalg.norm(geometry.apply(matrix, s[:n]) - t[:n], axis=1)) / pair.diagonal)
+
+
+def branch_matrix(branch: dict, c_src, c_tgt, flipped: bool) -> np.ndarray:
+    """The working-frame matrix of one branch as recorded in ``info["branches"]``."""
+    return geometry.translation(*branch["shift"]) @ pre.candidate_matrices(branch["angle_deg"], flipped,
+                                                                           c_src, c_tgt)[0]
+
+
+def measure_pair(pair, params: pre.PreprocessParams) -> dict:
+    """Both branches of one pair: NCC, rTRE if chosen, and the decision measures of ``pre``."""
+    a, b, _ = pre._both(Path(pair.source_image), Path(pair.target_image), params, True)
+    hint = None
+    if params.scale_hint and not (a.info["fallback"] or b.info["fallback"]):
+        areas = [x.view.mask.size * x.info["coverage"] for x in (a, b)]
+        hint = float(np.clip(np.sqrt(areas[1] / max(areas[0], 1.0)), 0.8, 1.25))
+    c_src, c_tgt = a.info["centre"], b.info["centre"]
+    t0 = time.perf_counter()
+    _, info = pre.rotation_search(a.view.image, b.view.image, c_src, c_tgt, params, scale_hint=hint,
+                                  source_mask=a.view.mask, target_mask=b.view.mask)
+    row = {"pair": pair.pair_id, "search_s": time.perf_counter() - t0,
+           "coverage": [a.info["coverage"], b.info["coverage"]], "decided_flipped": info["flipped"],
+           "decision": info["flip_decision"]}
+    for name, br in info["branches"].items():
+        m = branch_matrix(br, c_src, c_tgt, name == "flipped")
+        orig = geometry.to_original(np.eye(3), source_scale=a.loaded.scale, target_scale=b.loaded.scale,
+                                    source_pre=m)
+        mi = {f"mi{size}_{sigma:g}": float(pre.texture_mi(a.view.image, b.view.image, m[None], size, sigma,
+                                                             source_mask=a.view.mask,
+                                                             target_mask=b.view.mask)[0])
+              for size, sigma in ((256, 2.0), (256, 1.0), (128, 1.0), (384, 2.0))}
+        row[name] = {"ncc": br["ncc"], "angle": br["angle_deg"], "rtre": _rtre(orig, pair), **mi}
+    return row
+
+
+def measure(tables: list[str], params: pre.PreprocessParams) -> None:
+    for table in tables:
+        for pair in load_table(table):
+            row = measure_pair(pair, params)
+            row["set"] = str(Path(table).parent)
+            row["mirrored"] = "mirrored" in row["set"].rsplit("/", 1)[-1]
+            print(json.dumps(row), flush=True)
+
+
+def analyse(path: str) -> None:
+    rows = [json.loads(line) for line in open(path) if line.startswith("{")]
+    keys = [k for k, v in rows[0]["flipped"].items() if isinstance(v, float) and k not in ("angle", "rtre")]
+    print(f"{len(rows)} pairs ({sum(r['mirrored'] for r in rows)} mirrored)")
+    for key in keys:
+        d_m = np.array([r["flipped"][key] - r["unflipped"][key] for r in rows if r["mirrored"]])
+        d_u = np.array([r["flipped"][key] - r["unflipped"][key] for r in rows if not r["mirrored"]])
+        print(f"{key:16s} flipped-unflipped: mirrored min {d_m.min():+.3f} p10 {np.quantile(d_m, 0.1):+.3f} "
+              f"median {np.median(d_m):+.3f} | unmirrored max {d_u.max():+.3f} p90 {np.quantile(d_u, 0.9):+.3f} "
+              f"median {np.median(d_u):+.3f} | errors at margin 0: {int((d_m <= 0).sum())} + {int((d_u > 0).sum())}")
+    print("decision rules: flipped iff dNCC > hi or (dNCC > lo and dMI > mi) [d = flipped - unflipped, MI at 256 px,"
+          " sigma 2]; errors: mirrored kept / unmirrored flipped (in brackets: of those, pairs whose right branch"
+          " aligns, rTRE <= 0.035); share of pairs that need the MI")
+    d_ncc = np.array([r["flipped"]["ncc"] - r["unflipped"]["ncc"] for r in rows])
+    d_mi = np.array([r["flipped"]["mi256_2"] - r["unflipped"]["mi256_2"] for r in rows])
+    mir = np.array([r["mirrored"] for r in rows])
+    aligned = np.array([r["flipped" if r["mirrored"] else "unflipped"]["rtre"] <= 0.035 for r in rows])
+    for lo, hi, mi in [(1.0, 0.1, 0), (1.0, 0.05, 0), (1.0, 0.0, 0), (0.0, 0.1, 0.0), (0.0, 1.0, 0.0),
+                       (-0.03, 0.1, 0.0), (-0.05, 0.1, 0.0), (-0.1, 0.1, 0.0), (-0.05, 0.1, 0.005), (-0.05, 0.15, 0.005),
+                       (-0.1, 1.0, 0.0), (-0.1, 1.0, 0.005), (-1.0, 1.0, 0.0)]:
+        flip = (d_ncc > hi) | ((d_ncc > lo) & (d_mi > mi))
+        miss, false = mir & ~flip, ~mir & flip
+        ambiguous = (d_ncc > lo) & (d_ncc <= hi)
+        print(f"  lo {lo:+.2f} hi {hi:.2f} mi {mi:.3f}: {miss.sum()} [{(miss & aligned).sum()}] / "
+              f"{false.sum()} [{(false & aligned).sum()}]; MI needed in {ambiguous.mean():.0%}")
+    for name in ("plain", "mirrored"):
+        sub = [r for r in rows if r["set"].endswith(name)]
+        for s in sorted({r["set"] for r in sub}):
+            rs = [r for r in sub if r["set"] == s]
+            right = "flipped" if name == "mirrored" else "unflipped"
+            ok = sum(r[right]["rtre"] <= 0.035 for r in rs)
+            dec = sum(r["decided_flipped"] == (name == "mirrored") for r in rs)
+            print(f"{s}: {len(rs)} pairs, right branch aligns {ok}, decided right {dec}, "
+                  f"decided right and aligned {sum((r['decided_flipped'] == (name == 'mirrored')) and r[right]['rtre'] <= 0.035 for r in rs)}")
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in ("make", "measure", "analyse"):
+        print(__doc__)
+        return 2
+    if argv[0] == "make":
+        n = int(argv[2]) if len(argv) > 2 else 32
+        seed = int(argv[3]) if len(argv) > 3 else 31
+        for t in make_sets(Path(argv[1]), n, seed):
+            print(t)
+    elif argv[0] == "measure":
+        measure(argv[1:], pre.PreprocessParams(flip_test=True))
+    else:
+        analyse(argv[1])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
