@@ -25,8 +25,21 @@ from bench.datasets.anhir import file_digest, read_landmarks, write_landmarks
 from scipy import stats as sps
 
 from bench import geometry
-from bench.report import ReportError, build_report, export_anhir, latest_run, load_runs, page, plots
+from bench import quality as bench_quality
+from bench.method import ImageView
+from bench.report import (
+    ReportError,
+    build_report,
+    export_anhir,
+    import_anhir,
+    latest_run,
+    load_runs,
+    page,
+    plots,
+    reliability,
+)
 from bench.report import gallery as gal
+from bench.report.load import warped_file
 
 THRESHOLD = 0.035
 H, W = 240, 320
@@ -129,6 +142,12 @@ def make_dataset(root: Path, seed: int = 0, n_pairs: int = 6) -> tuple[Path, lis
     return table, pairs
 
 
+def view(rgb: np.ndarray) -> ImageView:
+    """The image as a method sees it: inverted grayscale in [0, 1] and a tissue mask."""
+    inv = 1.0 - cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY).astype(np.float32) / 255.0
+    return ImageView(image=inv, mask=np.ones(inv.shape, bool))  # whole slide: the blobs are small
+
+
 def result_row(pair: dict, method: str, run: Path, rng) -> dict:
     f = pair["folder"]
     t0 = time.perf_counter()
@@ -144,14 +163,16 @@ def result_row(pair: dict, method: str, run: Path, rng) -> dict:
     wall, cpu = time.perf_counter() - w0, time.process_time() - c0
     s_lnd = read_landmarks(f / "source.csv")
     moved = geometry.apply(matrix, s_lnd)
-    write_landmarks(run / "warped-landmarks" / method / f"{pair['pair_id']}.csv", moved)
+    write_landmarks(warped_file(run, method, pair["pair_id"]), moved)
+    # the harness's landmark-free quality on ok rows (the working frame is the original one here)
+    q = bench_quality.alignment_quality(view(tgt), view(src), matrix) if status == "ok" else math.nan
     diag = math.hypot(H, W)
     row = {"pair_id": pair["pair_id"], "tissue": pair["tissue"], "method": method, "method_version": "1",
            "status": status, "error": error, "time_s": wall, "time_source": "measured", "time_cpu_s": cpu, "time_preprocess_s": t_pre,
            "device": "cpu", "params": "{}", "matrix": json.dumps(matrix.tolist()), "diagnostics": "{}",
            "fallback": fallback, "source_image": str(f / "source.jpg"), "target_image": str(f / "target.jpg"),
            "source_landmarks": str(f / "source.csv"), "diagonal": diag, "success": False,
-           "target_landmarks": "" if pair["evaluation"] else str(f / "target.csv")}  # fmt: skip
+           "target_landmarks": "" if pair["evaluation"] else str(f / "target.csv"), "quality": q}  # fmt: skip
     if pair["evaluation"]:
         row["status"] = "unscored" if status == "ok" else status
         return row
@@ -171,7 +192,7 @@ def make_run(run: Path, table: Path, pairs: list[dict], methods=("identity", "or
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": {"cpus": 2}, "packages": {"numpy": np.__version__},
         "dataset": {"path": str(table), "sha256": file_digest(table), "n_pairs": len(pairs)},
         "preprocess": {"params": {}}, "methods": {m: {"version": "1", "params": {}} for m in methods},
-        "success_threshold": THRESHOLD, "device": "cpu",
+        "success_threshold": THRESHOLD, "device": "cpu", "reference_time_s": 0.05,
     }  # fmt: skip
     (run / "run.json").write_text(json.dumps(manifest, indent=2))
     return run
@@ -207,6 +228,8 @@ def recompute(results: pd.DataFrame) -> pd.DataFrame:
         out[method] = {
             "median_rtre": scored["rtre_median"].median(), "average_rtre": scored["rtre_median"].mean(),
             "average_max_rtre": scored["rtre_max"].mean(), "mean_time_ms": timed["time_s"].mean() * 1000,
+            "median_time_ms": timed["time_s"].median() * 1000, "mean_time_ref": timed["time_s"].mean() / 0.05,
+            "median_time_ref": timed["time_s"].median() / 0.05,
             "success_rate_pct": 100 * (evaluable["success"].astype(str) == "True").mean(),
             "robustness_mean": scored["robustness"].mean(), "pairs_scored": len(scored),
             "failures": int(g["status"].isin(["failed", "timeout"]).sum()),
@@ -228,12 +251,18 @@ def test_table1_equals_recomputation_from_results_csv(report, run_dir):
 def test_markdown_table1_has_one_row_per_method_and_the_papers_columns(report):
     lines = (report.parent / "tables" / "table1.md").read_text().strip().splitlines()
     header = [c.strip() for c in lines[0].strip("|").split("|")]
-    for col in ("Method", "Median rTRE", "Average rTRE", "Avg max rTRE", "Time [ms]", "Success [%]",
-                "Robustness", "Pairs scored", "Failures", "Device"):  # fmt: skip
+    for col in ("Method", "Median of per-pair median rTRE", "Mean of per-pair median rTRE",
+                "Mean of per-pair max rTRE", "Time, median [ms]", "Time, mean [ms]", "Time, median [× ref]",
+                "Success [%]", "Robustness", "Pairs scored", "Failures", "Device"):  # fmt: skip
         assert col in header
-    assert [r.split("|")[1].strip() for r in lines[2:]] == ["identity", "oracle", "jitter", "centroid"]
+    assert "Time source" not in header  # only when a row's time was reported by an imported tool
+    assert [r.split("|")[1].strip() for r in lines[2:6]] == ["identity", "oracle", "jitter", "centroid"]
     tex = (report.parent / "tables" / "table1.tex").read_text()
     assert "\\toprule" in tex and tex.count("\\\\") == 5
+    for fmt in ("md", "tex", "html"):  # the machine-normalised time is in every format
+        assert "× ref]" in (report.parent / "tables" / f"table1.{fmt}").read_text(), fmt
+    csv_cols = pd.read_csv(report.parent / "tables" / "table1.csv").columns
+    assert {"mean_time_ms", "median_time_ms", "mean_time_ref", "median_time_ref", "time_source"} <= set(csv_cols)
 
 
 def test_per_tissue_and_status_tables(report, run_dir):
@@ -263,7 +292,7 @@ def _nonblank_png(path: Path) -> bool:
     return img is not None and img.shape[0] > 50 and float(img.std()) > 5
 
 
-PLOTS = ("figure2_cdf", "success_vs_threshold", "pairs_rtre", "accuracy_vs_time", "success_per_tissue")
+PLOTS = ("figure2_cdf", "success_vs_threshold", "pairs_rtre", "accuracy_vs_time", "success_per_tissue", "quality_roc")
 
 
 def test_every_plot_is_written_as_png_and_svg(report):
@@ -470,8 +499,219 @@ def test_clear_errors(run_dir, tmp_path):
     assert export_anhir(empty, "oracle", tmp_path / "sub").is_dir()  # an evaluation-only run still exports
 
 
+# ---------------------------------------------------------------- the report cannot mislead
+
+
+def _set_manifest(run: Path, **dataset) -> None:
+    manifest = json.loads((run / "run.json").read_text())
+    manifest["dataset"].update(dataset)
+    (run / "run.json").write_text(json.dumps(manifest))
+
+
+def test_generated_data_is_said_in_titles_and_summaries(run_dir, report, tmp_path):
+    text = report.read_text()
+    assert "generated data" not in text.lower()  # the fixture's table says nothing of the generator
+    assert "generated data" not in (report.parent / "report.md").read_text().lower()
+    gen = _copy_run(run_dir, tmp_path / "sample")
+    _set_manifest(gen, embedded_sample=True)
+    page_path = build_report([gen])
+    html_text = page_path.read_text()
+    title = html_text.split("<title>")[1].split("</title>")[0]
+    h1 = html_text.split("<h1>")[1].split("</h1>")[0]
+    summary = html_text.split('<section id="summary">')[1].split("</section>")[0]
+    assert "generated data" in title and "generated data" in h1 and "GENERATED DATA" in summary
+    md = (page_path.parent / "report.md").read_text()
+    assert md.splitlines()[0].startswith("# ") and "generated data" in md.splitlines()[0]
+    assert "GENERATED DATA" in md
+    for fmt in ("md", "tex", "html"):
+        assert "GENERATED DATA" in (page_path.parent / "tables" / f"table1.{fmt}").read_text(), fmt
+    # a table written by the generator is recognised by its tissue names, without the manifest flag
+    from bench.report.load import generated_reason
+
+    assert generated_reason({"dataset": {}}, pd.DataFrame({"tissue": ["colon-ihc", "breast-like"]}))
+
+
+def _pixels_near(png: Path, rgb: tuple[float, float, float], tol: int = 10) -> int:
+    img = cv2.imread(str(png))[..., ::-1].astype(float)
+    return int((np.abs(img - np.array(rgb) * 255).max(axis=2) < tol).sum())
+
+
+def test_figure2_shows_the_initial_curve_under_identity(report):
+    """identity leaves every landmark where it was, so its curve is the initial one: the initial curve is
+    drawn first, wide and light, and stays visible around identity's."""
+    png = report.parent / "figures" / "figure2_cdf.png"
+    light = tuple(1 - 0.35 * (1 - c) for c in plots.INITIAL_COLOUR)  # the grey at alpha 0.35 on white
+    assert _pixels_near(png, light, tol=6) > 2000
+
+
+def test_auc_is_the_mann_whitney_statistic_and_the_area_under_the_roc():
+    rng = np.random.default_rng(3)
+    y = rng.random(200) < 0.4
+    q = np.round(rng.normal(y * 1.0, 1.0), 1)  # overlapping classes with ties
+    pos, neg = q[y], q[~y]
+    brute = np.mean([(a > b) + 0.5 * (a == b) for a in pos for b in neg])
+    value = reliability.auc(q, y)
+    assert value == pytest.approx(brute, rel=1e-12) and 0.6 < value < 0.9
+    fpr, tpr, _ = reliability.roc_points(q, y)
+    assert np.trapezoid(tpr, fpr) == pytest.approx(value, rel=1e-12)
+    assert math.isnan(reliability.auc(q[y], y[y]))  # one class only
+
+
+def test_quality_tables_against_results_csv(report, run_dir):
+    res = pd.read_csv(run_dir / "results.csv", dtype={"pair_id": str})
+    threshold, _ = reliability.likely_failed_below()
+    rated = res[(res["status"] == "ok") & res["rtre_median"].notna() & res["quality"].notna()]
+    y = rated["success"].astype(bool).to_numpy()
+    assert 0 < y.sum() < len(y)
+    q = pd.read_csv(report.parent / "tables" / "quality.csv").set_index("label")
+    brute = np.mean([(a > b) + 0.5 * (a == b) for a in rated["quality"][y] for b in rated["quality"][~y]])
+    assert q.loc["all methods", "n_rows"] == len(rated) and q.loc["all methods", "auc"] == pytest.approx(brute)
+    lf = pd.read_csv(report.parent / "tables" / "likely_failed.csv", dtype={"pair_id": str})
+    expected = res[res["quality"] < threshold]
+    assert sorted(zip(lf["label"], lf["pair_id"], strict=True)) == sorted(
+        zip(expected["method"], expected["pair_id"], strict=True)
+    )
+    assert set(lf.loc[lf["status"] == "unscored", "success"]) <= {"unknown (no target landmarks)"}
+    assert "ROC AUC" in report.read_text() and '<section id="quality">' in report.read_text()
+
+
+def test_composed_method_names_display_everywhere(run_dir, tmp_path):
+    """Names like ``sift|iterative|preprocessed`` and ``learned>iterative`` (composed methods) in every format."""
+    run = _copy_run(run_dir, tmp_path / "composed")
+    names = {"jitter": "sift|iterative|preprocessed", "centroid": "learned>iterative"}
+    res = pd.read_csv(run / "results.csv", dtype=str, keep_default_na=False)
+    for old, new in names.items():
+        for pid in res.loc[res["method"] == old, "pair_id"]:
+            dest = warped_file(run, new, pid)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(warped_file(run, old, pid), dest)
+    res["method"] = res["method"].replace(names)
+    res.to_csv(run / "results.csv", index=False)
+    page_path = build_report([run], tmp_path / "composed-report")
+    out = page_path.parent
+    html_text = page_path.read_text()
+    assert "<td>sift|iterative|preprocessed</td>" in html_text and "<td>learned&gt;iterative</td>" in html_text
+    assert "recomputed median rTRE differs" not in html_text and "lack a readable" not in html_text
+    md = (out / "tables" / "table1.md").read_text()
+    assert "| sift\\|iterative\\|preprocessed |" in md  # escaped: the row keeps its column count
+    assert all(line.count(" | ") == md.splitlines()[0].count(" | ") for line in md.splitlines()[2:6])
+    tex = (out / "tables" / "table1.tex").read_text()
+    assert "sift\\textbar{}iterative\\textbar{}preprocessed" in tex and "learned\\textgreater{}iterative" in tex
+    gallery_files = sorted(p.name for p in (out / "gallery").glob("worst_*.png"))
+    assert len(gallery_files) == 4 and all("|" not in n and ">" not in n for n in gallery_files)
+    assert all(_nonblank_png(out / "figures" / f"{stem}.png") for stem in PLOTS)
+
+
+# ---------------------------------------------------------------- ANHIR import
+
+
+def _export_import(run_dir, data, tmp_path, method="jitter", name="outside"):
+    sub = export_anhir(run_dir, method, tmp_path / "sub")
+    other = make_run(tmp_path / "other", data["table"], data["pairs"], methods=("identity",), seed=5)
+    summary = import_anhir(other, name, sub / "registration-results.csv")
+    return sub, other, summary
+
+
+def test_import_anhir_round_trip_equals_the_original_scores(run_dir, data, tmp_path):
+    sub, other, summary = _export_import(run_dir, data, tmp_path)
+    assert summary.counts == {"ok": 5, "unscored": 1}
+    res = pd.read_csv(other / "results.csv", dtype={"pair_id": str})
+    imported = res[res["method"] == "outside"].set_index("pair_id").sort_index()
+    original = pd.read_csv(run_dir / "results.csv", dtype={"pair_id": str})
+    original = original[original["method"] == "jitter"].set_index("pair_id").sort_index()
+    for col in ("rtre_median", "rtre_mean", "rtre_max", "ire_median", "robustness", "n_landmarks"):
+        np.testing.assert_allclose(imported[col].to_numpy(float), original[col].to_numpy(float), rtol=1e-12,
+                                   equal_nan=True, err_msg=col)  # fmt: skip
+    assert list(imported["success"]) == list(original["success"])
+    assert list(imported["status"]) == list(original["status"])
+    np.testing.assert_allclose(imported["time_s"], original["time_s"] + original["time_preprocess_s"], rtol=1e-9)
+    assert set(imported["time_source"]) == {"reported"} and set(imported["method_version"]) == {"imported"}
+    for pid in imported.index:  # stored like the run's own warped landmarks
+        np.testing.assert_allclose(read_landmarks(warped_file(other, "outside", pid)),
+                                   read_landmarks(warped_file(run_dir, "jitter", pid)))  # fmt: skip
+    manifest = json.loads((other / "run.json").read_text())
+    rec = manifest["methods"]["outside"]
+    assert rec["version"] == "imported"
+    assert rec["source"] == {"table": str((sub / "registration-results.csv").resolve()),
+                             "sha256": file_digest(sub / "registration-results.csv")}  # fmt: skip
+    # the report shows the imported rows beside the built-in ones, with the caveat
+    page_path = build_report([other])
+    md = (page_path.parent / "tables" / "table1.md").read_text()
+    assert "Time source" in md and "reported by the tool" in md and md.count("| outside |") == 1
+    for fmt in ("md", "tex", "html"):
+        assert "not from the harness" in (page_path.parent / "tables" / f"table1.{fmt}").read_text()
+    assert "import-anhir" in page_path.read_text()
+    table = pd.read_csv(page_path.parent / "tables" / "table1.csv").set_index("label")
+    assert table.loc["outside", "median_rtre"] == pytest.approx(original["rtre_median"].median(), rel=1e-12)
+
+
+def test_import_anhir_bad_files_become_failed_rows(run_dir, data, tmp_path):
+    sub = export_anhir(run_dir, "oracle", tmp_path / "sub")
+    path = sub / "registration-results.csv"
+    table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    table.loc[1, "Warped source landmarks"] = "warped-landmarks/missing.csv"
+    (sub / "garbage.csv").write_text(",X,Y\n1,abc,3\n")
+    table.loc[2, "Warped source landmarks"] = "garbage.csv"
+    table.loc[3, "Warped source landmarks"] = ""
+    table.loc[4, "Execution time [minutes]"] = "soon"
+    table = table.drop(index=0)  # pair 0 left out of the submission: a failed row, not a silent gap
+    table.to_csv(path, index=False)
+    other = make_run(tmp_path / "other", data["table"], data["pairs"], methods=("identity",), seed=5)
+    summary = import_anhir(other, "outside", path)
+    assert summary.counts == {"failed": 4, "ok": 1, "unscored": 1}
+    res = pd.read_csv(other / "results.csv", dtype={"pair_id": str}, keep_default_na=False)
+    rows = res[res["method"] == "outside"].set_index("pair_id")
+    assert "not found" in rows.loc["1", "error"] and "cannot read coordinates" in rows.loc["2", "error"]
+    assert "no warped landmark file" in rows.loc["3", "error"] and "no row for pair 0" in rows.loc["0", "error"]
+    assert all("\n" not in e for e in rows["error"])
+    assert rows.loc["4", "status"] == "ok" and rows.loc["4", "time_s"] == ""  # an unreadable time is no time
+    assert not warped_file(other, "outside", "1").exists()
+    assert build_report([other]).is_file()
+
+
+def test_import_anhir_refusals(run_dir, data, tmp_path):
+    sub, other, _ = _export_import(run_dir, data, tmp_path)
+    path = sub / "registration-results.csv"
+    with pytest.raises(ReportError, match="already in this run"):
+        import_anhir(other, "outside", path)
+    with pytest.raises(ReportError, match="already in this run"):
+        import_anhir(other, "identity", path)
+    again = import_anhir(other, "outside", path, replace=True)
+    assert again.replaced == 6
+    res = pd.read_csv(other / "results.csv")
+    assert (res["method"] == "outside").sum() == 6
+    table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    extra = table.iloc[[0]].copy()
+    extra.iloc[0, 0] = "99"
+    pd.concat([table, extra]).to_csv(tmp_path / "extra.csv", index=False)
+    shutil.copytree(sub / "warped-landmarks", tmp_path / "warped-landmarks")
+    with pytest.raises(ReportError, match="99 not in the run's dataset"):
+        import_anhir(other, "more", tmp_path / "extra.csv")
+    moved = table.copy()
+    moved.loc[2, "Source image"] = "elsewhere/scale-5pc/other.jpg"
+    moved.to_csv(sub / "moved.csv", index=False)
+    with pytest.raises(ReportError, match="another dataset"):
+        import_anhir(other, "more", sub / "moved.csv")
+    (tmp_path / "plain.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(ReportError, match="not an ANHIR submission"):
+        import_anhir(other, "more", tmp_path / "plain.csv")
+    assert "more" not in set(pd.read_csv(other / "results.csv")["method"])  # nothing written on refusal
+
+
+def test_import_anhir_command_line(run_dir, data, tmp_path, capsys):
+    from bench.cli import main
+
+    sub = export_anhir(run_dir, "jitter", tmp_path / "sub")
+    other = make_run(tmp_path / "other", data["table"], data["pairs"], methods=("identity",), seed=5)
+    args = ["import-anhir", "--run", str(other), "--method", "outside", str(sub / "registration-results.csv")]
+    assert main(args) == 0
+    assert main(args) == 2  # the name is taken now: one error line, exit 2
+    assert main([*args, "--replace"]) == 0
+
+
 @pytest.mark.parametrize(
-    "name", ["bench.report.tables", "bench.report.stats", "bench.report.plots", "bench.report.gallery"]
+    "name", ["bench.report.tables", "bench.report.stats", "bench.report.plots", "bench.report.gallery",
+             "bench.report.load", "bench.report.reliability"]
 )
 def test_report_doctests(name):
     import doctest

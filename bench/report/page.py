@@ -19,6 +19,7 @@ SECTIONS = {
     "per-status": "Per pair status (ANHIR training / evaluation) and row status",
     "figure2": "Figure 2: cumulative distribution of landmark rTRE",
     "plots": "More plots",
+    "quality": "Quality: does the landmark-free score predict success?",
     "statistics": "Statistics",
     "gallery": "Failure gallery",
     "manifest": "Run manifest",
@@ -35,7 +36,9 @@ table.results th,table.results td{border:1px solid #ccc;padding:3px 7px}
 table.results th{background:#f1f3f6;text-align:left} td.num{text-align:right;font-variant-numeric:tabular-nums}
 table.results tbody tr:nth-child(even){background:#fafafa}
 figure{margin:0.8em 0 1.5em 0} figure img{max-width:min(100%,900px);border:1px solid #eee}
-figcaption{font-size:0.88em;color:#555} .note{background:#fff8e1;border-left:4px solid #f0b400;padding:0.4em 0.8em}
+figcaption{font-size:0.88em;color:#555}
+.warn{background:#fdecea;border-left:6px solid #c62828;padding:0.6em 0.9em;font-weight:600;font-size:1.05em}
+.note{background:#fff8e1;border-left:4px solid #f0b400;padding:0.4em 0.8em}
 pre{background:#f6f8fa;padding:0.6em;overflow-x:auto;font-size:0.8em} .muted{color:#666;font-size:0.88em}
 dl.kv dt{font-weight:600;float:left;clear:left;width:11em} dl.kv dd{margin-left:12em}
 """

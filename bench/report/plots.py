@@ -35,6 +35,14 @@ STYLE = {
     "savefig.bbox": "tight",
 }
 WIDTH = 6.0  # inches: readable at full text width of a two-column paper and at column width when halved
+# method curves cycle through these, so two curves that coincide (identity and a method that did nothing)
+# still show as two patterns
+LINESTYLES = ("-", (0, (5, 2)), (0, (1, 1.5)), (0, (6, 2, 1, 2)))
+
+
+def outside_legend(ax) -> None:
+    """The legend to the right of the axes, so it never covers a curve (the saved figure grows to fit)."""
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, borderaxespad=0.0)
 
 
 def palette(labels: list[str], methods: list[str] | None = None) -> dict[str, tuple[float, float, float]]:
@@ -59,8 +67,9 @@ def palette(labels: list[str], methods: list[str] | None = None) -> dict[str, tu
     for label, method in zip(labels, methods, strict=True):
         if method in PAPER_ORDER and PAPER_ORDER.index(method) not in out.values():
             out[label] = PAPER_ORDER.index(method)
-    spare = (8, 9, 7)  # grey (7) last: the state before registration is grey
-    free = [i for i in (*spare, *range(len(PAPER_ORDER))) if i not in out.values()]
+    # the two colours no paper method uses first, then the paper methods' unused ones; grey (7) last, as the
+    # state before registration is grey
+    free = [i for i in (8, 9, *range(len(PAPER_ORDER)), 7) if i not in out.values()]
     for label in labels:
         if label not in out:
             out[label] = free.pop(0)
@@ -102,22 +111,16 @@ def cdf_plot(after: pd.DataFrame, before: pd.DataFrame, colours: dict, out_dir: 
     with mpl.rc_context(STYLE):
         fig = Figure(figsize=(WIDTH, 3.6))
         ax = fig.subplots()
-        if len(before):
+        if len(before):  # drawn first, wide and light: a method curve on top of it (identity) leaves it visible
             x, p = _curve(before["rtre"].to_numpy())
-            ax.step(
-                x,
-                p,
-                where="post",
-                color=INITIAL_COLOUR,
-                ls="--",
-                lw=1.2,
-                label=f"{INITIAL} (n={len(before)})",
-            )
-        for label, colour in colours.items():
+            ax.step(x, p, where="post", color=INITIAL_COLOUR, lw=5.0, alpha=0.35, zorder=1,
+                    solid_capstyle="butt", label=f"{INITIAL} (n={len(before)})")  # fmt: skip
+        for i, (label, colour) in enumerate(colours.items()):
             err = after.loc[after["label"] == label, "rtre"].to_numpy()
             if err.size:
                 x, p = _curve(err)
-                ax.step(x, p, where="post", color=colour, lw=1.5, label=f"{label} (n={err.size})")
+                ax.step(x, p, where="post", color=colour, lw=1.5, ls=LINESTYLES[i % len(LINESTYLES)],
+                        zorder=2 + i, label=f"{label} (n={err.size})")  # fmt: skip
         ax.set_xscale("log")
         ax.set_ylim(0, 1.01)
         ax.set_xlabel(
@@ -125,7 +128,7 @@ def cdf_plot(after: pd.DataFrame, before: pd.DataFrame, colours: dict, out_dir: 
         )
         ax.set_ylabel("fraction of landmarks ≤ x")
         ax.set_title("Figure 2: cumulative distribution of landmark rTRE")
-        ax.legend(loc="upper left", frameon=True)
+        outside_legend(ax)
         return save(fig, out_dir, "figure2_cdf")
 
 
@@ -146,16 +149,17 @@ def success_curve(df: pd.DataFrame, colours: dict, threshold: float, out_dir: Pa
     with mpl.rc_context(STYLE):
         fig = Figure(figsize=(WIDTH, 3.4))
         ax = fig.subplots()
-        for label, colour in colours.items():
+        for i, (label, colour) in enumerate(colours.items()):
             if label in curves.index:
-                ax.plot(grid, curves.loc[label].to_numpy(), color=colour, lw=1.5, label=label)
+                ax.plot(grid, curves.loc[label].to_numpy(), color=colour, lw=1.5,
+                        ls=LINESTYLES[i % len(LINESTYLES)], label=label)  # fmt: skip
         ax.axvline(threshold, color="k", ls=":", lw=1, label=f"threshold used: {threshold:g}")
         ax.set_xscale("log")
         ax.set_ylim(-2, 102)
         ax.set_xlabel("success threshold on per-pair median rTRE, log scale")
         ax.set_ylabel("success rate [%]")
         ax.set_title("Success rate against the success threshold")
-        ax.legend(loc="upper left")
+        outside_legend(ax)
         return save(fig, out_dir, "success_vs_threshold")
 
 
@@ -182,8 +186,9 @@ def pair_boxplot(df: pd.DataFrame, colours: dict, threshold: float, out_dir: Pat
 
 def accuracy_time(df: pd.DataFrame, boot: pd.DataFrame, summary: pd.DataFrame, colours: dict,
                   out_dir: Path) -> dict[str, Path]:  # fmt: skip
-    """Accuracy against time: one faint point per pair, one marker per method (mean time, median rTRE with
-    its 95 % bootstrap interval)."""
+    """Accuracy against time: one faint point per pair, one marker per method (median time, median rTRE with
+    its 95 % bootstrap interval), so the marker sits among its points. A label whose time was reported by
+    an imported tool says so in the legend."""
     data = df[df["scored"] & np.isfinite(df["time_s"]) & (df["time_s"] > 0)]
     with mpl.rc_context(STYLE):
         fig = Figure(figsize=(WIDTH, 3.6))
@@ -203,24 +208,27 @@ def accuracy_time(df: pd.DataFrame, boot: pd.DataFrame, summary: pd.DataFrame, c
             if (
                 s.empty
                 or b.empty
-                or not math.isfinite(s["mean_time_ms"].iloc[0])
-                or s["mean_time_ms"].iloc[0] <= 0
+                or not math.isfinite(s["median_time_ms"].iloc[0])
+                or s["median_time_ms"].iloc[0] <= 0
             ):
                 continue
-            t, m = s["mean_time_ms"].iloc[0], max(b["median_rtre"].iloc[0], FLOOR)
+            t, m = s["median_time_ms"].iloc[0], max(b["median_rtre"].iloc[0], FLOOR)
+            shown = label
+            if "time_source" in s.columns and s["time_source"].iloc[0] != "measured":
+                shown = f"{label} (time {s['time_source'].iloc[0]})"
             lo, hi = (max(b[c].iloc[0], FLOOR) for c in ("median_rtre_ci_low", "median_rtre_ci_high"))
             yerr = [[max(m - lo, 0)], [max(hi - m, 0)]] if math.isfinite(lo) else None
             ax.errorbar(
-                [t], [m], yerr=yerr, fmt="o", ms=7, color=colour, mec="k", mew=0.6, capsize=3, label=label
+                [t], [m], yerr=yerr, fmt="o", ms=7, color=colour, mec="k", mew=0.6, capsize=3, label=shown
             )
         ax.set_xscale("log")
         ax.set_yscale("log")
         tidy_log_axis(ax.xaxis)
         tidy_log_axis(ax.yaxis)
-        ax.set_xlabel("method time per pair [ms], log scale (marker: mean)")
+        ax.set_xlabel("method time per pair [ms], log scale (marker: median time over the method's pairs)")
         ax.set_ylabel("per-pair median rTRE, log scale")
-        ax.set_title("Accuracy against time (marker: median rTRE with 95 % CI)")
-        ax.legend(loc="best")
+        ax.set_title("Accuracy against time (marker: median time, median rTRE with 95 % CI)")
+        outside_legend(ax)
         return save(fig, out_dir, "accuracy_vs_time")
 
 
@@ -242,3 +250,42 @@ def tissue_success(tissue_table: pd.DataFrame, colours: dict, out_dir: Path) -> 
             tick.set_horizontalalignment("right")
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
         return save(fig, out_dir, "success_per_tissue")
+
+
+def quality_roc(rated: pd.DataFrame, table: pd.DataFrame, colours: dict, threshold: float,
+                out_dir: Path) -> dict[str, Path]:  # fmt: skip
+    """ROC curves of the landmark-free ``quality`` as a predictor of success: all methods together (black)
+    and per method label (with at least one success and one failure), each with its AUC; the point of the
+    "likely failed" threshold marked on the overall curve."""
+    from bench.report import reliability
+
+    aucs = dict(zip(table["label"], table["auc"], strict=True))
+    with mpl.rc_context(STYLE):
+        fig = Figure(figsize=(WIDTH * 0.8, 3.6))
+        ax = fig.subplots()
+        ax.plot([0, 1], [0, 1], color="0.6", lw=0.8, ls=":", label="chance (AUC 0.5)")
+        for i, (label, colour) in enumerate(colours.items()):
+            rows = rated[rated["label"] == label]
+            y = rows["success"].to_numpy(bool)
+            if y.all() or not y.any():
+                continue
+            fpr, tpr, _ = reliability.roc_points(rows["quality"].to_numpy(float), y)
+            ax.step(fpr, tpr, where="post", color=colour, lw=1.3, ls=LINESTYLES[i % len(LINESTYLES)],
+                    label=f"{label} (AUC {aucs.get(label, math.nan):.3f}, n={len(rows)})")  # fmt: skip
+        y = rated["success"].to_numpy(bool)
+        if y.any() and not y.all():
+            q = rated["quality"].to_numpy(float)
+            fpr, tpr, _ = reliability.roc_points(q, y)
+            ax.step(fpr, tpr, where="post", color="k", lw=2.2, zorder=5,
+                    label=f"all methods (AUC {aucs.get('all methods', math.nan):.3f}, n={len(rated)})")  # fmt: skip
+            ofpr, otpr = reliability.operating_point(q, y, threshold)
+            ax.plot([ofpr], [otpr], "o", ms=7, mfc="white", mec="k", mew=1.2, zorder=6,
+                    label=f"quality ≥ {threshold:g} predicted success")  # fmt: skip
+        ax.set_xlim(-0.02, 1.02)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_aspect("equal")
+        ax.set_xlabel("false positive rate (failures predicted successes)")
+        ax.set_ylabel("true positive rate (successes predicted)")
+        ax.set_title("Quality as a predictor of success (ROC)")
+        outside_legend(ax)
+        return save(fig, out_dir, "quality_roc")

@@ -5,12 +5,17 @@ Definitions (over the rows of one method label, i.e. one (method, device) of one
 * ``pairs``: all rows; ``pairs_scored``: rows with a finite ``rtre_median``; ``failures``: rows with
   status ``failed`` or ``timeout`` (they may still be scored, with the fallback matrix);
 * ``median_rtre`` / ``average_rtre``: median / mean over scored pairs of the per-pair median rTRE
-  (ANHIR's "Median-Median rTRE" / "Average-Median rTRE", the paper's "median" and "average" columns);
-* ``average_max_rtre``: mean over scored pairs of the per-pair max rTRE ("Average-Max rTRE");
-* ``mean_time_ms``: mean method time ``time_s`` in ms over rows with a time, timeouts left out (their
-  time is the limit, not the method's);
-* ``mean_time_ref``: the same mean of ``time_s / reference_time_s``, where ``reference_time_s`` is the
-  run's fixed reference workload timed on its machine (``run.json``): a machine-normalised time;
+  (ANHIR's "Median-Median rTRE" / "Average-Median rTRE", the paper's "median" and "average" columns),
+  shown as "Median of per-pair median rTRE" / "Mean of per-pair median rTRE";
+* ``average_max_rtre``: mean over scored pairs of the per-pair max rTRE ("Average-Max rTRE"), shown as
+  "Mean of per-pair max rTRE";
+* ``mean_time_ms`` / ``median_time_ms``: mean / median method time ``time_s`` in ms over rows with a time,
+  timeouts left out (their time is the limit, not the method's);
+* ``mean_time_ref`` / ``median_time_ref``: the same of ``time_s / reference_time_s``, where
+  ``reference_time_s`` is the run's fixed reference workload timed on its machine (``run.json``): a
+  machine-normalised time;
+* ``time_source``: ``measured`` (the harness's clock), ``reported by the tool`` (imported submissions, see
+  :mod:`bench.report.importer`) or ``mixed``;
 * ``success_rate_pct``: 100 x (rows with ``success`` True) / evaluable rows (scored rows plus failed and
   timed-out rows; ``unscored`` rows, which have no ground truth, are left out);
 * ``robustness_mean``: mean over scored pairs of ``robustness``.
@@ -26,9 +31,12 @@ import numpy as np
 import pandas as pd
 
 from bench.report.load import FAILURE_STATUSES
+from bench.schema import TIME_MEASURED, TIME_REPORTED
 
 NUMBER_COLUMNS = (
-    "median_rtre", "average_rtre", "average_max_rtre", "mean_time_ms", "mean_time_ref", "success_rate_pct",
+    "median_rtre", "average_rtre", "average_max_rtre", "mean_time_ms", "mean_time_ref", "median_time_ms",
+    "median_time_ref", "success_rate_pct", "flagged_failed", "flagged_succeeded", "unflagged_failed", "n_rows", "n_success", "n_failure", "auc", "quality",
+    "rtre_median",
     "robustness_mean", "pairs_scored", "failures", "n", "median_a", "median_b", "median_difference",
     "a_better_pct", "statistic", "p_value", "p_holm", "n_evaluable", "success_ci_low_pct",
     "success_ci_high_pct", "n_scored", "median_rtre_ci_low", "median_rtre_ci_high", "ok", "failed",
@@ -40,11 +48,27 @@ DISPLAY = {
     "run": "Run",
     "tissue": "Tissue",
     "pair_status": "Pair status",
-    "median_rtre": "Median rTRE",
-    "average_rtre": "Average rTRE",
-    "average_max_rtre": "Avg max rTRE",
-    "mean_time_ms": "Time [ms]",
-    "mean_time_ref": "Time [× ref]",
+    "median_rtre": "Median of per-pair median rTRE",
+    "average_rtre": "Mean of per-pair median rTRE",
+    "average_max_rtre": "Mean of per-pair max rTRE",
+    "median_time_ms": "Time, median [ms]",
+    "mean_time_ms": "Time, mean [ms]",
+    "median_time_ref": "Time, median [× ref]",
+    "mean_time_ref": "Time, mean [× ref]",
+    "time_source": "Time source",
+    "pair_id": "Pair",
+    "method": "Method",
+    "status": "Status",
+    "quality": "Quality",
+    "rtre_median": "Pair's median rTRE",
+    "success": "Success",
+    "n_rows": "Rows",
+    "n_success": "Successes",
+    "n_failure": "Failures (not success)",
+    "auc": "ROC AUC",
+    "flagged_failed": "Flagged, failed",
+    "flagged_succeeded": "Flagged, succeeded",
+    "unflagged_failed": "Not flagged, failed",
     "success_rate_pct": "Success [%]",
     "robustness_mean": "Robustness",
     "pairs_scored": "Pairs scored",
@@ -72,6 +96,7 @@ DISPLAY = {
 SIGNIFICANT = ("p_value", "p_holm")
 DECIMALS = {
     "median_rtre": 4, "average_rtre": 4, "average_max_rtre": 4, "mean_time_ms": 2, "mean_time_ref": 3,
+    "median_time_ms": 2, "median_time_ref": 3, "auc": 3, "quality": 3, "rtre_median": 4,
     "success_rate_pct": 2, "robustness_mean": 3, "median_a": 4, "median_b": 4, "median_difference": 4,
     "a_better_pct": 1, "statistic": 1, "success_ci_low_pct": 2, "success_ci_high_pct": 2,
     "median_rtre_ci_low": 4, "median_rtre_ci_high": 4,
@@ -82,6 +107,7 @@ def summarise_rows(rows: pd.DataFrame) -> dict[str, float | int]:
     """Table 1's numbers for one group of result rows (see the module docstring)."""
     scored = rows[rows["scored"]]
     times = rows.loc[(rows["status"] != "timeout") & np.isfinite(rows["time_s"]), "time_s"]
+    ref_times = times / rows.loc[times.index, "reference_time_s"]
     evaluable = rows[rows["evaluable"]]
 
     def stat(fn, values):
@@ -96,10 +122,44 @@ def summarise_rows(rows: pd.DataFrame) -> dict[str, float | int]:
         "average_rtre": stat(np.mean, scored["rtre_median"]),
         "average_max_rtre": stat(np.mean, scored["rtre_max"]),
         "mean_time_ms": stat(np.mean, times * 1000.0),
-        "mean_time_ref": stat(np.mean, times / rows.loc[times.index, "reference_time_s"]),
+        "median_time_ms": stat(np.median, times * 1000.0),
+        "mean_time_ref": stat(np.mean, ref_times),
+        "median_time_ref": stat(np.median, ref_times),
+        "time_source": time_source(rows),
         "success_rate_pct": stat(np.mean, evaluable["success"].astype(float)) * 100.0,
         "robustness_mean": stat(np.mean, scored["robustness"]),
     }
+
+
+TIME_REPORTED_TEXT = "reported by the tool"
+TIME_FOOTNOTE = (
+    "Time source \"reported by the tool\": the time comes from the imported submission's "
+    "\"Execution time [minutes]\" column, not from the harness's clock; it may include loading and "
+    "preprocessing, and was measured on an unknown machine (its × ref divides it by this run's reference time)."
+)
+
+
+def time_source(rows: pd.DataFrame) -> str:
+    """``measured``, ``reported by the tool`` or ``mixed`` for a group of rows (empty cells are measured).
+
+    >>> time_source(pd.DataFrame({"time_source": ["measured", ""]}))
+    'measured'
+    >>> time_source(pd.DataFrame({"time_source": ["reported", "reported"]}))
+    'reported by the tool'
+    """
+    if "time_source" not in rows.columns:
+        return TIME_MEASURED
+    values = {str(v).strip() or TIME_MEASURED for v in rows["time_source"]}
+    if values == {TIME_MEASURED}:
+        return TIME_MEASURED
+    if values == {TIME_REPORTED}:
+        return TIME_REPORTED_TEXT
+    return "mixed"
+
+
+def has_reported_time(table: pd.DataFrame) -> bool:
+    """Whether any row of a summary table carries a time not measured by the harness."""
+    return "time_source" in table.columns and bool((table["time_source"] != TIME_MEASURED).any())
 
 
 def summary_table(df: pd.DataFrame, by: tuple[str, ...] = ()) -> pd.DataFrame:
@@ -150,8 +210,10 @@ def display_columns(table: pd.DataFrame, multi_run: bool) -> list[str]:
     """The columns shown in the human-readable formats (Markdown, LaTeX, HTML)."""
     keys = [c for c in ("tissue", "pair_status") if c in table.columns]
     cols = [*keys, "label", "device", *(["run"] if multi_run else [])]
-    cols += ["median_rtre", "average_rtre", "average_max_rtre", "mean_time_ms", "success_rate_pct"]
-    cols += ["robustness_mean", "pairs_scored", "failures"]
+    cols += ["median_rtre", "average_rtre", "average_max_rtre", "median_time_ms", "mean_time_ms"]
+    cols += ["median_time_ref", "success_rate_pct", "robustness_mean", "pairs_scored", "failures"]
+    if has_reported_time(table):
+        cols.append("time_source")
     return [c for c in cols if c in table.columns]
 
 
@@ -196,6 +258,9 @@ _LATEX = {
     "~": r"\textasciitilde{}",
     "^": r"\textasciicircum{}",
     "–": "--",
+    "|": r"\textbar{}",
+    ">": r"\textgreater{}",
+    "<": r"\textless{}",
 }
 
 
@@ -204,12 +269,15 @@ def _latex_escape(text: str) -> str:
 
     >>> print(_latex_escape("a_b 50% {x}"))
     a\_b 50\% \{x\}
+    >>> print(_latex_escape("sift|iterative learned>iterative"))
+    sift\textbar{}iterative learned\textgreater{}iterative
     """
     return "".join(_LATEX.get(ch, ch) for ch in text)
 
 
-def to_latex(table: pd.DataFrame, columns: list[str], caption: str = "", label: str = "") -> str:
-    """A booktabs ``table`` environment (needs ``\\usepackage{booktabs}``)."""
+def to_latex(table: pd.DataFrame, columns: list[str], caption: str = "", label: str = "",
+             notes: tuple[str, ...] | list[str] = ()) -> str:  # fmt: skip
+    """A booktabs ``table`` environment (needs ``\\usepackage{booktabs}``); ``notes`` follow the tabular."""
     header, rows = formatted(table, columns)
     spec = "".join("r" if c in NUMBER_COLUMNS else "l" for c in columns)
     out = ["\\begin{table}[t]", "\\centering", "\\small"]
@@ -224,7 +292,9 @@ def to_latex(table: pd.DataFrame, columns: list[str], caption: str = "", label: 
     ]
     out.append("\\midrule")
     out += [" & ".join(_latex_escape(c) for c in r) + " \\\\" for r in rows]
-    out += ["\\bottomrule", "\\end{tabular}", "\\end{table}"]
+    out += ["\\bottomrule", "\\end{tabular}"]
+    out += [f"\\par\\footnotesize {_latex_escape(n)}" for n in notes]
+    out.append("\\end{table}")
     return "\n".join(out) + "\n"
 
 
@@ -243,14 +313,28 @@ def to_html(table: pd.DataFrame, columns: list[str], css_class: str = "results")
     return f'<table class="{css_class}"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
 
 
+def notes_markdown(notes: tuple[str, ...] | list[str]) -> str:
+    """Notes under a Markdown table: a blank line, then one paragraph each."""
+    return "".join(f"\n{n}\n" for n in notes)
+
+
+def notes_html(notes: tuple[str, ...] | list[str]) -> str:
+    return "".join(f'<p class="muted">{html.escape(n)}</p>' for n in notes)
+
+
 def write_table(
-    table: pd.DataFrame, out_dir: Path, stem: str, columns: list[str], caption: str
-) -> dict[str, Path]:
-    """Write ``stem.csv`` (every column, full precision) and ``stem.md`` / ``.tex`` / ``.html`` (display)."""
+    table: pd.DataFrame, out_dir: Path, stem: str, columns: list[str], caption: str,
+    notes: tuple[str, ...] | list[str] = (),
+) -> dict[str, Path]:  # fmt: skip
+    """Write ``stem.csv`` (every column, full precision) and ``stem.md`` / ``.tex`` / ``.html`` (display).
+
+    ``notes`` (footnotes such as "generated data" or "time reported by the tool") follow the table in the
+    Markdown, LaTeX and HTML files; the CSV holds the data only.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {fmt: out_dir / f"{stem}.{fmt}" for fmt in ("csv", "md", "tex", "html")}
     table.to_csv(paths["csv"], index=False)
-    paths["md"].write_text(to_markdown(table, columns))
-    paths["tex"].write_text(to_latex(table, columns, caption=caption, label=f"tab:{stem}"))
-    paths["html"].write_text(to_html(table, columns))
+    paths["md"].write_text(to_markdown(table, columns) + notes_markdown(notes))
+    paths["tex"].write_text(to_latex(table, columns, caption=caption, label=f"tab:{stem}", notes=notes))
+    paths["html"].write_text(to_html(table, columns) + notes_html(notes))
     return paths
