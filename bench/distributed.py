@@ -5,24 +5,27 @@ Why Dask (not Ray): it is pure Python and small to install, a local cluster star
 ``dask scheduler`` / ``dask worker tcp://host:8786`` on many machines (or dask-jobqueue on a SLURM/PBS
 cluster), and it ships our plain picklable task objects as they are.
 
-Each task is one pair with all its methods (:func:`bench.runner.run_pair`), exactly as the local
-executors run it; results come back to the client, which alone writes the results store, so the rows
-are the same as a local run's. Workers need this package installed and the data at the same paths (or
-``--data-root`` pointing at a shared mount). The per-call ``--timeout`` cannot be enforced in Dask worker
-threads: a task runs unbounded there.
+Each task is one pair with all its methods (the work function, :func:`bench.work.run_pair`), exactly as
+the local executors run it; results come back to the client, which alone writes the results store, so the
+rows are the same as a local run's. Workers need this package installed and the data at the same paths (or
+``--data-root`` pointing at a shared mount). Calls are not supervised here: the per-call ``--timeout``
+cannot be enforced in Dask worker threads (a task runs unbounded), and a crashing method takes its Dask
+worker with it (Dask then retries the task on another worker, up to its own limit).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from bench.runner import PairResult, PairTask, limit_threads, run_pair
+from bench.plan import PairTask
+from bench.supervise import limit_threads
+from bench.work import PairResult
 
 
-def dask_executor(scheduler: str | None) -> Callable[[list[PairTask], int], Iterator[PairResult]]:
+def dask_executor(scheduler: str | None) -> Callable[[list[PairTask], int, Callable], Iterator[PairResult]]:
     """An executor that sends tasks to ``scheduler`` (``tcp://host:8786``) or to a new local cluster."""
 
-    def execute(tasks: list[PairTask], workers: int) -> Iterator[PairResult]:
+    def execute(tasks: list[PairTask], workers: int, work: Callable) -> Iterator[PairResult]:
         try:
             from distributed import Client, LocalCluster, as_completed
         except ImportError as exc:
@@ -37,7 +40,7 @@ def dask_executor(scheduler: str | None) -> Callable[[list[PairTask], int], Iter
         try:
             # one task per worker thread: each task's numeric libraries get one thread (no oversubscription)
             client.run(limit_threads, 1)
-            futures = client.map(run_pair, tasks, pure=False)
+            futures = client.map(work, tasks, pure=False)
             for fut in as_completed(futures):
                 yield fut.result()
         finally:

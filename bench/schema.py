@@ -40,6 +40,25 @@ class Status(StrEnum):
 
 
 STATUSES = tuple(s.value for s in Status)
+
+# ``error`` of a ``failed`` row whose call never ended normally: the worker process died (a signal, an
+# ``os._exit``, the memory killer) or the method called ``sys.exit``. Such failures are the run's, like
+# timeouts: a rerun retries them (a method that reported failure, or a bad input, is not retried).
+CRASHED = "crashed:"
+RUN_FAULT_PREFIXES = (CRASHED,)
+
+
+def caused_by_run(status: str, error: str = "") -> bool:
+    """True for rows a rerun retries by default: timeouts and crashes.
+
+    >>> caused_by_run("timeout"), caused_by_run("failed", "crashed: killed by signal SIGSEGV")
+    (True, True)
+    >>> caused_by_run("failed", "method reported failure: 3 inliers"), caused_by_run("ok")
+    (False, False)
+    """
+    if status == Status.TIMEOUT.value:
+        return True
+    return status == Status.FAILED.value and str(error).startswith(RUN_FAULT_PREFIXES)
 FAILURE_STATUSES = (Status.FAILED.value, Status.TIMEOUT.value)
 
 # Where ``time_s`` came from: the harness's own clock, or the figure a tool reported (imported submissions).

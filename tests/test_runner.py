@@ -14,8 +14,7 @@ import numpy as np
 import pytest
 from bench.datasets.anhir import load_table, read_landmarks
 
-from bench import Method, geometry, registry
-from bench.method import Estimate, RegistrationFailed
+from bench import registry
 from bench.runner import RunConfig, RunError, run
 from bench.store import COLUMNS
 
@@ -86,54 +85,74 @@ def test_flat_image_is_a_clear_error(tiny_table: Path, tmp_path: Path):
     assert row["status"] == "failed" and "s0_target.jpg" in row["error"]
 
 
+TEST_METHODS = """
+import time
+
+import numpy as np
+
+from bench import Estimate, Method, RegistrationFailed, geometry, register
+
+
+@register
+class Crashes(Method):
+    name = "test-crashes"
+    uses_preprocessing = False
+
+    def estimate(self, fixed, moving, context):
+        raise ZeroDivisionError("boom")
+
+
+@register
+class Gives(Method):
+    name = "test-gives-up"
+    uses_preprocessing = False
+
+    def estimate(self, fixed, moving, context):
+        raise RegistrationFailed("only 2 inliers")
+
+
+@register
+class Slow(Method):
+    name = "test-slow"
+    uses_preprocessing = False
+    calls = 0
+
+    def estimate(self, fixed, moving, context):
+        type(self).calls += 1
+        if type(self).calls > 1:  # the warm-up call is quick, the timed ones are not
+            time.sleep(5)
+        return Estimate(np.eye(3))
+
+
+@register
+class Shifts(Method):
+    name = "test-shift"
+    uses_preprocessing = False
+
+    def estimate(self, fixed, moving, context):
+        return Estimate(geometry.translation(2.0, 0.0))
+"""
+
+
 @pytest.fixture
-def test_methods():
-    """Register methods that fail, time out or report failure, then remove them."""
-
-    @registry.register
-    class Crashes(Method):
-        name = "test-crashes"
-        uses_preprocessing = False
-
-        def estimate(self, fixed, moving, context):
-            raise ZeroDivisionError("boom")
-
-    @registry.register
-    class Gives(Method):
-        name = "test-gives-up"
-        uses_preprocessing = False
-
-        def estimate(self, fixed, moving, context):
-            raise RegistrationFailed("only 2 inliers")
-
-    @registry.register
-    class Slow(Method):
-        name = "test-slow"
-        uses_preprocessing = False
-        calls = 0
-
-        def estimate(self, fixed, moving, context):
-            type(self).calls += 1
-            if type(self).calls > 1:  # the warm-up call is quick, the timed ones are not
-                time.sleep(5)
-            return Estimate(np.eye(3))
-
-    @registry.register
-    class Shifts(Method):
-        name = "test-shift"
-        uses_preprocessing = False
-
-        def estimate(self, fixed, moving, context):
-            return Estimate(geometry.translation(2.0, 0.0))
-
-    yield
+def test_methods(tmp_path: Path, monkeypatch):
+    """A plugin module (the methods run in worker processes, which import it) with methods that fail, time out
+    or report failure; returns the plugins argument."""
+    folder = tmp_path / "plugins"
+    folder.mkdir()
+    (folder / "bench_test_methods.py").write_text(TEST_METHODS)
+    monkeypatch.syspath_prepend(str(folder))
+    yield ("bench_test_methods",)
     for n in ("test-crashes", "test-gives-up", "test-slow", "test-shift"):
         registry._REGISTRY.pop(n, None)
+    sys.modules.pop("bench_test_methods", None)
+    getattr(registry, "_PLUGINS", {}).pop("bench_test_methods", None)
 
 
 def test_failures_and_timeouts_become_rows(tiny_table: Path, tmp_path: Path, test_methods):
     out = tmp_path / "run"
-    _run(tiny_table, out, methods="test-crashes,test-gives-up,test-slow,identity", timeout_s=0.5)
+    _run(tiny_table, out, methods="test-crashes,test-gives-up,test-slow,identity", timeout_s=0.5,
+         plugins=test_methods)
     rows = _rows(out)
     assert len(rows) == 12
     got = {(r["method"], r["status"]) for r in rows}
@@ -149,7 +168,8 @@ def test_failures_and_timeouts_become_rows(tiny_table: Path, tmp_path: Path, tes
 def test_matrix_is_in_original_coordinates(tiny_table: Path, tmp_path: Path, test_methods):
     """A working-frame translation of 2 px becomes 2/scale px in the original frame."""
     out = tmp_path / "run"
-    _run(tiny_table, out, methods="test-shift", overrides={"preprocess": {"working_size": "120"}})
+    _run(tiny_table, out, methods="test-shift", overrides={"preprocess": {"working_size": "120"}},
+         plugins=test_methods)
     row = _rows(out)[0]
     m = np.array(json.loads(row["matrix"]))
     assert m[0, 2] == pytest.approx(2.0 * 240 / 120, rel=1e-6)

@@ -1,0 +1,48 @@
+"""Executors: where pair tasks run. Each takes the tasks, the worker count and the work function
+(:func:`bench.work.run_pair`) and yields :class:`bench.work.PairResult` values as they finish; the runner
+alone writes them, so rows land the same way from any executor.
+
+- ``serial``: one supervised worker process with the machine's threads (:mod:`bench.supervise`);
+- ``processes``: N supervised worker processes, each capped to ``cores / N`` threads;
+- ``dask``: a Dask cluster (:mod:`bench.distributed`; calls are not supervised there);
+- ``inline``: in this process, unsupervised (for debugging and profiling a method; not on the command line).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+
+from bench.plan import PairTask, RunError
+from bench.work import PairResult
+
+Executor = Callable[[list[PairTask], int, Callable], Iterator[PairResult]]
+
+
+def inline(tasks: list[PairTask], workers: int, work: Callable) -> Iterator[PairResult]:  # noqa: ARG001
+    for t in tasks:
+        yield work(t)
+
+
+def serial(tasks: list[PairTask], workers: int, work: Callable) -> Iterator[PairResult]:  # noqa: ARG001
+    from bench.supervise import supervised
+
+    yield from supervised(tasks, 1, work, threads=None)
+
+
+def processes(tasks: list[PairTask], workers: int, work: Callable) -> Iterator[PairResult]:
+    from bench.supervise import supervised
+
+    yield from supervised(tasks, workers, work, threads=max(1, (os.cpu_count() or 1) // workers))
+
+
+def get(kind: str, scheduler: str | None = None) -> Executor:
+    """The executor called ``kind`` (serial, processes, dask or inline)."""
+    if kind == "dask":
+        from bench.distributed import dask_executor
+
+        return dask_executor(scheduler)
+    table = {"serial": serial, "processes": processes, "inline": inline}
+    if kind not in table:
+        raise RunError(f"--executor {kind!r}: expected serial, processes or dask")
+    return table[kind]

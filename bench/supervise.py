@@ -1,0 +1,299 @@
+"""Supervised worker processes: every method call runs in a worker the parent can replace.
+
+The benchmark runs other people's code. Whatever a method does (hang in native code, crash with a signal,
+call ``sys.exit`` or ``os._exit``), the run records that (pair, method) as a ``timeout`` or ``failed``
+row with a message and goes on. Design:
+
+- N long-lived worker processes (spawned, so no state is shared with the parent) each take one pair at a
+  time (:class:`bench.plan.PairTask`) and run the work function on it (:func:`bench.work.run_pair`); method
+  instances and warm-up stay in the worker across pairs, exactly as in a plain loop.
+- Before each method call the worker tells the parent (method, phase, time limit, and the row to record if
+  the call never ends); after it, it sends the finished row. The parent writes rows as they come, so an
+  interrupt loses only the calls in flight.
+- The time limit is enforced twice: inside the worker (``SIGALRM``: the call raises, the worker lives on)
+  and by the parent (the limit plus :data:`GRACE_S`: the worker is killed, for calls stuck in native code).
+- A worker that dies (signal, exit) or overruns is replaced; its pair goes on in the new worker with the
+  methods not yet done. A death outside a method call (reading or preparing the pair) fails the pair's
+  remaining methods, so a bad input can never crash the run twice.
+- Workers die with the parent (``PR_SET_PDEATHSIG`` on Linux, a watch thread elsewhere) and ignore
+  SIGINT (the parent alone handles Ctrl-C, then kills them at once).
+
+Serial runs use one supervised worker with the machine's threads; ``--workers N`` uses N, each capped to
+``cores / N`` threads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing as mp
+import os
+import signal
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+from bench.plan import PairTask
+from bench.schema import CRASHED, Status
+from bench.work import PairResult, failed_rows
+
+GRACE_S = 2.0  # the parent kills a call this long (plus 10 %) after its limit, when SIGALRM did not stop it
+Work = Callable[[PairTask, Callable[[str, dict[str, Any]], None]], Any]
+
+
+def limit_threads(n: int) -> None:
+    """Cap the threads of every numeric library in this process (one call per worker)."""
+    n = max(1, int(n))
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(n)
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(n)
+    import cv2
+
+    cv2.setNumThreads(n)
+    try:
+        import SimpleITK as sitk
+
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(n)
+    except ImportError:
+        pass
+    import importlib.util
+
+    if "torch" in sys.modules or importlib.util.find_spec("torch") is not None:
+        import torch
+
+        torch.set_num_threads(n)
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """End this process when ``parent_pid`` ends (even by ``kill -9``)."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+            if os.getppid() != parent_pid:  # the parent ended before the call above
+                os._exit(1)
+            return
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="parent-watch").start()
+
+
+def _worker_main(conn: Connection, parent_pid: int, threads: int | None, work: Work) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    die_with_parent(parent_pid)
+    if threads:
+        limit_threads(threads)
+
+    def on_event(kind: str, data: dict[str, Any]) -> None:
+        try:
+            conn.send((kind, data))
+        except Exception as exc:  # noqa: BLE001 - e.g. an object that cannot be pickled
+            if kind == "call":
+                conn.send((kind, {**data, "fallback": None}))
+            elif kind == "row":
+                row = {k: data["row"].get(k) for k in ("pair_id", "tissue", "method", "method_version",
+                                                       "source_image", "target_image", "source_landmarks",
+                                                       "target_landmarks", "diagonal", "device")}
+                row.update(status=Status.FAILED.value, success=False, time_source=data["row"].get("time_source"),
+                           error=f"the result could not be sent to the harness: {type(exc).__name__}: {exc}")
+                conn.send(("row", {"row": row, "warped": None}))
+            else:
+                raise
+
+    while True:
+        try:
+            task = conn.recv()
+        except (EOFError, OSError):
+            return
+        if task is None:
+            return
+        try:
+            work(task, on_event)
+        except BaseException as exc:  # noqa: BLE001 - reported, then this worker is replaced
+            conn.send(("error", f"{type(exc).__name__}: {exc}"))
+            return
+        conn.send(("done", None))
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "ended"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"was killed by {name}"
+    return f"exited with code {code}"
+
+
+@dataclass
+class _Call:
+    method: str
+    phase: str
+    limit: float | None
+    fallback: tuple[dict[str, Any], Any] | None
+    started: float
+
+
+class _Worker:
+    """One supervised process and what it is doing."""
+
+    def __init__(self, ctx, work: Work, threads: int | None) -> None:
+        self.ctx, self.work, self.threads = ctx, work, threads
+        self.task: PairTask | None = None
+        self.done: set[str] = set()
+        self.call: _Call | None = None
+        self._start()
+
+    def _start(self) -> None:
+        parent, child = self.ctx.Pipe()
+        self.proc = self.ctx.Process(target=_worker_main, args=(child, os.getpid(), self.threads, self.work),
+                                     daemon=True, name="bench-worker")
+        old = signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited through exec: workers ignore Ctrl-C
+        try:
+            self.proc.start()
+        finally:
+            signal.signal(signal.SIGINT, old)
+        child.close()
+        self.conn = parent
+
+    @property
+    def deadline(self) -> float | None:
+        if self.call is None or not self.call.limit:
+            return None
+        return self.call.started + self.call.limit * 1.1 + GRACE_S
+
+    def assign(self, task: PairTask) -> None:
+        self.task, self.done, self.call = task, set(), None
+        self.conn.send(task)
+
+    def stop(self, kill: bool) -> None:
+        if self.proc.is_alive():
+            if kill:
+                self.proc.kill()
+            else:
+                with contextlib.suppress(OSError):
+                    self.conn.send(None)
+        self.proc.join(0 if kill else 2)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(2)
+        self.conn.close()
+
+    def restart(self) -> None:
+        self.stop(kill=True)
+        self.task, self.call = None, None
+        self._start()
+
+
+class Supervisor:
+    """Run tasks on supervised workers; iterate for results (one :class:`PairResult` per row)."""
+
+    def __init__(self, tasks: list[PairTask], workers: int, work: Work, threads: int | None = None) -> None:
+        self.queue = deque(tasks)
+        self.outstanding = {t.pair.pair_id: len(t.methods) for t in tasks}
+        ctx = mp.get_context("spawn")
+        self.workers = [_Worker(ctx, work, threads) for _ in range(max(1, min(workers, len(tasks))))] if tasks else []
+
+    def _result(self, row: dict[str, Any], warped: Any) -> PairResult:
+        pid = row["pair_id"]
+        self.outstanding[pid] -= 1
+        return PairResult([row], {row["method"]: warped} if warped is not None else {},
+                          finished=self.outstanding[pid] <= 0)
+
+    def _receive(self, w: _Worker) -> Iterator[PairResult]:
+        """Every message waiting from ``w``; stops at a closed pipe."""
+        while w.task is not None:
+            try:
+                if not w.conn.poll():
+                    return
+                kind, data = w.conn.recv()
+            except (EOFError, OSError):
+                return
+            if kind == "call":
+                fallback = data["fallback"] or (w.call.fallback if w.call and w.call.method == data["method"] else None)
+                w.call = _Call(data["method"], data["phase"], data["limit"], fallback, time.monotonic())
+            elif kind == "row":
+                w.call = None
+                w.done.add(data["row"]["method"])
+                yield self._result(data["row"], data["warped"])
+            elif kind == "done":
+                w.task, w.call = None, None
+            elif kind == "error":
+                yield from self._lost(w, f"{CRASHED} the worker failed: {data}")
+                return
+
+    def _lost(self, w: _Worker, message: str, status: str = Status.FAILED.value) -> Iterator[PairResult]:
+        """``w``'s call ended abnormally: record it, replace the worker, continue the pair elsewhere."""
+        task, call = w.task, w.call
+        w.restart()
+        if task is None:
+            return
+        rest = [s for s in task.methods if s.name not in w.done]
+        if call is None:  # outside a method call: the pair itself kills workers, fail what is left of it
+            for row in failed_rows(task.pair, rest, f"{message} while reading or preparing the pair", task.device):
+                yield self._result(row, None)
+            return
+        spec = next(s for s in rest if s.name == call.method)
+        if call.fallback is not None:
+            row, warped = dict(call.fallback[0]), call.fallback[1]
+        else:
+            row, warped = failed_rows(task.pair, [spec], "", task.device)[0], None
+        row.update(status=status, error=message, time_s=time.monotonic() - call.started, success=False,
+                   fallback=True)
+        if call.phase == "warm-up":
+            row["error"] = f"first (warm-up) call: {row['error']}"
+        yield self._result(row, warped)
+        rest = [s for s in rest if s.name != call.method]
+        if rest:
+            self.queue.appendleft(replace(task, methods=tuple(rest)))
+
+    def __iter__(self) -> Iterator[PairResult]:
+        try:
+            while self.queue or any(w.task is not None for w in self.workers):
+                for w in self.workers:
+                    if w.task is None and self.queue:
+                        w.assign(self.queue.popleft())
+                busy = [w for w in self.workers if w.task is not None]
+                deadlines = [d for d in (w.deadline for w in busy) if d is not None]
+                timeout = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
+                wait([w.conn for w in busy] + [w.proc.sentinel for w in busy], timeout)
+                for w in busy:
+                    yield from self._receive(w)
+                    if w.task is None:
+                        continue
+                    if not w.proc.is_alive():
+                        yield from self._receive(w)  # whatever it sent before it died
+                        if w.task is not None:
+                            what = " during the method call" if w.call else ""
+                            yield from self._lost(w, f"{CRASHED} the worker process "
+                                                     f"{_describe_exit(w.proc.exitcode)}{what}")
+                    elif w.deadline is not None and time.monotonic() > w.deadline:
+                        call = w.call
+                        yield from self._lost(
+                            w, f"call exceeded the time limit of {call.limit:g} s and did not return "
+                               "(its worker process was stopped)", Status.TIMEOUT.value)
+        finally:
+            self.close(kill=sys.exc_info()[0] is not None)
+
+    def close(self, kill: bool = True) -> None:
+        for w in self.workers:
+            w.stop(kill=kill)
+        self.workers = []
+
+
+def supervised(tasks: list[PairTask], workers: int, work: Work, threads: int | None = None) -> Iterator[PairResult]:
+    """Results of ``tasks`` run by ``work`` in ``workers`` supervised processes, one row at a time."""
+    yield from Supervisor(tasks, workers, work, threads)

@@ -1,0 +1,288 @@
+"""One pair's work, as it runs inside a worker process: :func:`run_pair`.
+
+1. read the landmark files (a bad file fails that pair's rows with a one-line message);
+2. run the shared preprocessing once for the methods that use it (and the light stage once for those
+   that do not), through the on-disk cache; check the table's size and diagonal and the landmarks against
+   the images read from disk;
+3. for each method: ``estimate`` timed by the harness (warm-up call excluded; both calls bounded by the
+   time limit), checked (a finite, invertible matrix; JSON-serialisable diagnostics), composed into one
+   matrix in original pixel coordinates, source landmarks warped by it, scored against the target landmarks.
+
+It never raises for a bad pair or a failing method. ``on_event`` (when given) hears about each method call
+before it starts (with the row to record if the call never returns) and about each row as soon as it is
+made; the supervisor (:mod:`bench.supervise`) uses that to bound calls, survive crashes and keep every
+finished row. Method instances are built, prepared and warmed up once per process.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from bench import geometry, metrics, quality, registry
+from bench.datasets.anhir import LandmarkError, Pair, read_landmarks
+from bench.method import Context, Method, RegistrationFailed
+from bench.plan import MethodSpec, PairTask
+from bench.preprocess import ImageLoadError, PreparedPair
+from bench.schema import CRASHED, TIME_MEASURED, Status
+from bench.store import jsonable
+from bench.timing import CallTimeout, timed
+
+Event = Callable[[str, dict[str, Any]], None]
+
+SIZE_TOLERANCE = 0.02  # relative: the table's size and diagonal against the target image read from disk
+LANDMARK_MARGIN = 0.10  # landmarks may lie this share of a side beyond their image's edge, not further
+
+
+@dataclass
+class PairResult:
+    """Rows of one pair (all of them, or one at a time from a supervised worker)."""
+
+    rows: list[dict[str, Any]]
+    warped: dict[str, np.ndarray] = field(default_factory=dict)  # method -> (N, 2) warped source landmarks
+    finished: bool = True  # the last result of its pair
+
+
+# per process state: method instances are built, prepared and warmed up once per process
+_INSTANCES: dict[tuple[MethodSpec, str], Method] = {}
+_WARM: set[tuple[MethodSpec, str]] = set()
+
+
+def _instance(spec: MethodSpec, ctx: Context) -> Method:
+    key = (spec, ctx.device)
+    if key not in _INSTANCES:
+        m = spec.build()
+        m.prepare(ctx)
+        _INSTANCES[key] = m
+    return _INSTANCES[key]
+
+
+def base_row(pair: Pair, spec: MethodSpec, device: str = "") -> dict[str, Any]:
+    """The columns every row of (pair, method) has, whatever happened."""
+    return {
+        "pair_id": pair.pair_id,
+        "tissue": pair.tissue,
+        "method": spec.name,
+        "method_version": spec.version,
+        "params": spec.params_dict(),
+        "source_image": str(pair.source_image),
+        "target_image": str(pair.target_image),
+        "source_landmarks": str(pair.source_landmarks or ""),
+        "target_landmarks": str(pair.target_landmarks or ""),
+        "diagonal": pair.diagonal,
+        "success": False,
+        "time_source": TIME_MEASURED,
+        "device": device,
+    }
+
+
+def failed_rows(pair: Pair, specs: Iterable[MethodSpec], message: str, device: str = "") -> list[dict[str, Any]]:
+    rows = []
+    for spec in specs:
+        row = base_row(pair, spec, device)
+        row.update(status=Status.FAILED.value, error=message)
+        rows.append(row)
+    return rows
+
+
+def _prepare(task: PairTask, full: bool) -> tuple[PreparedPair, float, bool]:
+    """Run (or fetch from cache) one preprocessing stage; returns (prepared, compute seconds, cached)."""
+    from bench import cache as cache_mod
+
+    cache = cache_mod.PreprocessCache(task.cache_dir, enabled=task.cache_enabled)
+    t0 = time.perf_counter()
+    prepared, cached = cache.get_or_prepare(task.pair.source_image, task.pair.target_image, task.preprocess, full)
+    spent = time.perf_counter() - t0
+    compute = float(prepared.diagnostics.get("time_s", spent)) if cached else spent
+    return prepared, compute, cached
+
+
+def diagonal(pair: Pair, prepared: PreparedPair) -> float:
+    """The diagonal used for scoring: the table's, else the target image's read from disk."""
+    if pair.diagonal:
+        return float(pair.diagonal)
+    return metrics.image_diagonal(*prepared.target_shape)
+
+
+def check_inputs(pair: Pair, prepared: PreparedPair, src: np.ndarray | None, tgt: np.ndarray | None) -> str | None:
+    """A one-line reason when the table or the landmarks contradict the images read from disk."""
+    h, w = (int(v) for v in prepared.target_shape)
+    if pair.target_size is not None:
+        th, tw = pair.target_size
+        if abs(th - h) > SIZE_TOLERANCE * h + 1 or abs(tw - w) > SIZE_TOLERANCE * w + 1:
+            return (f"{pair.target_image}: the table's image size ({th}, {tw}) differs from the image read "
+                    f"from disk ({h}, {w})")
+    if pair.diagonal is not None:
+        actual = math.hypot(h, w)
+        if abs(pair.diagonal - actual) > SIZE_TOLERANCE * actual:
+            return (f"{pair.target_image}: the table's image diagonal {pair.diagonal:g} differs from the image "
+                    f"read from disk ({actual:.1f} for {h}x{w})")
+    for which, pts, shape, path in (("source", src, prepared.source_shape, pair.source_landmarks),
+                                    ("target", tgt, prepared.target_shape, pair.target_landmarks)):
+        if pts is None:
+            continue
+        sh, sw = shape
+        far = (pts[:, 0] > sw * (1 + LANDMARK_MARGIN) + 1) | (pts[:, 1] > sh * (1 + LANDMARK_MARGIN) + 1)
+        if far.any():
+            i = int(np.argmax(far))
+            return (f"{path}: landmark {i + 1} ({pts[i, 0]:g}, {pts[i, 1]:g}) lies far outside the {which} "
+                    f"image ({sh}x{sw} pixels)")
+    return None
+
+
+def _matrix_problem(m: np.ndarray) -> str | None:
+    if m.shape != (3, 3) or not np.all(np.isfinite(m)):
+        return "the method returned a non-finite matrix"
+    det = float(np.linalg.det(m[:2, :2]))
+    if not math.isfinite(det) or abs(det) < 1e-9:
+        return f"the method returned a singular matrix (determinant {det:g})"
+    return None
+
+
+def _score(row: dict[str, Any], task: PairTask, prepared: PreparedPair, matrix: np.ndarray,
+           src: np.ndarray | None, tgt: np.ndarray | None) -> np.ndarray | None:
+    """Fill the scores of ``row`` for ``matrix``; returns the warped source landmarks."""
+    row["diagonal"] = diagonal(task.pair, prepared)
+    if src is None:
+        return None
+    warped = geometry.apply(matrix, src)
+    if tgt is not None:
+        scores = metrics.score_pair(warped, src, tgt, row["diagonal"], task.success_threshold)
+        row.update(scores)
+        row["success"] = bool(scores["success"]) and row["status"] == Status.OK.value
+    return warped
+
+
+def run_pair(task: PairTask, on_event: Event | None = None) -> PairResult:
+    """Process one pair with every method of the task. Never raises for a bad pair or a failing method."""
+    emit: Event = on_event or (lambda kind, data: None)
+    result = PairResult(rows=[])
+
+    def record(rows: list[dict[str, Any]], warped: dict[str, np.ndarray] | None = None) -> PairResult:
+        for row in rows:
+            pts = (warped or {}).get(row["method"])
+            emit("row", {"row": row, "warped": pts})
+            result.rows.append(row)
+            if pts is not None:
+                result.warped[row["method"]] = pts
+        return result
+
+    if task.plugins:
+        registry.discover(task.plugins)
+    pair = task.pair
+    if pair.problem:
+        return record(failed_rows(pair, task.methods, pair.problem, task.device))
+    try:
+        src_lnd = read_landmarks(pair.source_landmarks) if pair.source_landmarks else None
+        tgt_lnd = read_landmarks(pair.target_landmarks) if pair.target_landmarks else None
+    except LandmarkError as exc:
+        return record(failed_rows(pair, task.methods, str(exc), task.device))
+
+    stages: dict[bool, tuple[PreparedPair, float, bool] | str] = {}
+    for i, spec in enumerate(task.methods):
+        full = registry.get(spec.name).uses_preprocessing
+        if full not in stages:
+            try:
+                stages[full] = _prepare(task, full)
+            except (ImageLoadError, OSError, ValueError) as exc:
+                stages[full] = str(exc) if isinstance(exc, ImageLoadError) else f"{type(exc).__name__}: {exc}"
+            stage = stages[full]
+            problem = None if isinstance(stage, str) else check_inputs(pair, stage[0], src_lnd, tgt_lnd)
+            if problem:  # the table contradicts the images: no method of this pair is scored
+                return record(failed_rows(pair, task.methods[i:], problem, task.device))
+        stage = stages[full]
+        if isinstance(stage, str):
+            record(failed_rows(pair, [spec], stage, task.device))
+            continue
+        prepared, pre_time, cached = stage
+        row, warped = _run_method(task, spec, prepared, src_lnd, tgt_lnd, pre_time, cached, emit)
+        record([row], {spec.name: warped} if warped is not None else None)
+    return result
+
+
+def _run_method(
+    task: PairTask,
+    spec: MethodSpec,
+    prepared: PreparedPair,
+    src_lnd: np.ndarray | None,
+    tgt_lnd: np.ndarray | None,
+    pre_time: float,
+    cached: bool,
+    emit: Event,
+) -> tuple[dict[str, Any], np.ndarray | None]:
+    pair = task.pair
+    try:
+        method = _instance(spec, Context(device=task.device, seed=task.seed, pair_id=pair.pair_id))
+    except Exception as exc:  # noqa: BLE001 - a method that cannot even start fails its rows
+        return failed_rows(pair, [spec], f"cannot start method: {type(exc).__name__}: {exc}", task.device)[0], None
+    device = method.device_for(task.device)
+    ctx = Context(device=device, seed=task.seed, pair_id=pair.pair_id)
+    pre_diag = {k: v for k, v in prepared.diagnostics.items() if isinstance(v, int | float | str | bool)}
+
+    def make_row(status: str, error: str, matrix: np.ndarray, diagnostics: dict[str, Any],
+                 wall: float | None, cpu: float | None) -> tuple[dict[str, Any], np.ndarray | None]:
+        row = base_row(pair, spec, device)
+        row.update(status=status, error=error, time_s=wall, time_cpu_s=cpu, matrix=matrix,
+                   diagnostics={**diagnostics, "preprocess": pre_diag}, fallback=status != Status.OK.value,
+                   time_preprocess_s=pre_time, preprocess_cached=cached)
+        warped = _score(row, task, prepared, matrix, src_lnd, tgt_lnd)
+        if tgt_lnd is None and status == Status.OK.value:
+            row["status"] = Status.UNSCORED.value
+        return row, warped
+
+    # what a pipeline falls back to when the call fails: the preprocessing alone
+    fallback_matrix = prepared.to_original(np.eye(3))
+    fallback = make_row(Status.FAILED.value, "", fallback_matrix, {}, None, None)
+
+    def call():
+        return method.estimate(prepared.fixed, prepared.moving, ctx)
+
+    key = (spec, task.device)
+    status, error, diagnostics = Status.OK.value, "", {}
+    t0, c0 = time.perf_counter(), time.process_time()
+    phase = "timed"
+    try:
+        if key not in _WARM:  # warm-up call, excluded from timing, bounded like the timed one
+            phase = "warm-up"
+            emit("call", {"method": spec.name, "phase": phase, "limit": task.timeout_s, "fallback": fallback})
+            timed(call, device=device, limit_s=task.timeout_s)
+            _WARM.add(key)
+            t0, c0 = time.perf_counter(), time.process_time()
+            phase = "timed"
+        emit("call", {"method": spec.name, "phase": phase, "limit": task.timeout_s, "fallback": fallback})
+        out = timed(call, device=device, limit_s=task.timeout_s)
+        estimate, wall, cpu = out.value, out.wall_s, out.cpu_s
+        if estimate.frame == "original":
+            matrix, working = estimate.matrix, prepared.to_working(estimate.matrix)
+        else:
+            matrix, working = prepared.to_original(estimate.matrix), estimate.matrix
+        problem = _matrix_problem(np.asarray(estimate.matrix, dtype=float)) or _matrix_problem(matrix)
+        try:
+            diagnostics = json.loads(json.dumps(jsonable(dict(estimate.diagnostics)), allow_nan=True))
+        except (TypeError, ValueError) as exc:
+            problem = problem or f"the method returned diagnostics that are not JSON-serialisable: {exc}"
+            diagnostics = {}
+        if problem:
+            raise RegistrationFailed(problem)
+        row_quality = quality.alignment_quality(prepared.fixed, prepared.moving, working)
+    except CallTimeout as exc:
+        status, error = Status.TIMEOUT.value, ("first (warm-up) " if phase == "warm-up" else "") + str(exc)
+    except RegistrationFailed as exc:
+        status, error = Status.FAILED.value, f"method reported failure: {exc}"
+    except SystemExit as exc:  # a method must not end the process: recorded as a crash (retried on rerun)
+        status, error = Status.FAILED.value, f"{CRASHED} the method called sys.exit({exc.code!r})"
+    except Exception as exc:  # noqa: BLE001 - one failing call never stops the run
+        status, error = Status.FAILED.value, f"{type(exc).__name__}: {exc}"
+    wall, cpu = (out.wall_s, out.cpu_s) if status == Status.OK.value else (
+        time.perf_counter() - t0, time.process_time() - c0)
+    if status != Status.OK.value:
+        return make_row(status, error, fallback_matrix, diagnostics, wall, cpu)
+    row, warped = make_row(status, error, matrix, diagnostics, wall, cpu)
+    row["quality"] = row_quality
+    return row, warped
