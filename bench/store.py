@@ -23,7 +23,7 @@ they are plain; percent-encoded otherwise), so nothing is written outside the fo
 share a file; :func:`warped_path` is the one place that maps (folder, method, pair id) to a file.
 
 >>> safe_name("12"), safe_name("../../x"), safe_name("a/b"), safe_name("sift|iterative")
-('12', '%2E%2E%2F%2E%2E%2Fx', 'a%2Fb', 'sift%7Citerative')
+('12', '%2E.%2F..%2Fx', 'a%2Fb', 'sift%7Citerative')
 >>> warped_path("run", "sift", "a/b").as_posix()
 'run/warped-landmarks/sift/a%2Fb.csv'
 """
