@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -19,6 +20,17 @@ from rich.progress import (
 from rich.table import Table
 
 console = Console(stderr=True)
+
+
+def say(text: object) -> None:
+    """Print text as it is (paths and ids may hold ``[``: never read as markup)."""
+    console.print(str(text), markup=False, highlight=False)
+
+
+def fail(message: object) -> int:
+    """One ``error:`` line (the message printed literally); returns the exit code 2."""
+    console.print(f"[red]error:[/] {escape(str(message))}", highlight=False)
+    return 2
 
 
 def _run_parser(sub: argparse._SubParsersAction) -> None:
@@ -45,6 +57,9 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--plugin", action="append", default=[], metavar="MODULE",
                    help="import a module that registers extra methods (repeatable)")
     p.add_argument("--limit", type=int, help="only the first N pairs of the table")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="also run again the stored rows a method reported as failed, and bad inputs "
+                   "(timeouts and crashes are always run again)")
 
 
 def _progress_columns():
@@ -60,52 +75,59 @@ def _progress_columns():
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from bench import metrics, runner
+    from bench import runner
 
+    config = runner.RunConfig(
+        dataset=args.dataset,
+        data_roots=tuple(args.data_root),
+        methods=args.methods,
+        out=args.out,
+        workers=args.workers,
+        device=args.device,
+        seed=args.seed,
+        timeout_s=args.timeout,
+        success_threshold=args.success_threshold,
+        cache_enabled=not args.no_cache,
+        cache_dir=args.cache_dir,
+        plugins=tuple(args.plugin),
+        executor=args.executor,
+        scheduler=args.scheduler,
+        limit=args.limit,
+        retry_failed=args.retry_failed,
+        command=" ".join(shlex.quote(a) for a in ["python", "-m", "bench", *sys.argv[1:]]),
+    )
     try:
-        config = runner.RunConfig(
-            dataset=args.dataset,
-            data_roots=tuple(args.data_root),
-            methods=args.methods,
-            out=args.out,
-            workers=max(1, args.workers),
-            device=args.device,
-            seed=args.seed,
-            overrides=runner.parse_overrides(args.overrides),
-            timeout_s=args.timeout,
-            success_threshold=args.success_threshold or metrics.SUCCESS_THRESHOLD,
-            cache_enabled=not args.no_cache,
-            cache_dir=args.cache_dir,
-            plugins=tuple(args.plugin),
-            executor=args.executor,
-            scheduler=args.scheduler,
-            limit=args.limit,
-            command=" ".join(shlex.quote(a) for a in ["python", "-m", "bench", *sys.argv[1:]]),
-        )
-        pairs, out, selection, specs, _pre, _emb = runner.plan(config)
+        config.overrides = runner.parse_overrides(args.overrides)
+        plan = runner.make_plan(config)
     except runner.RunError as exc:
-        console.print(f"[red]error:[/] {exc}")
-        return 2
-    console.print(f"methods: {', '.join(s.name for s in specs)}")
-    for name, reason in selection.skipped.items():
-        console.print(f"[yellow]skipped[/] {name}: {reason}")
-    console.print(f"{len(pairs)} pairs -> {out}")
+        return fail(exc)
+    say(f"methods: {', '.join(plan.method_names)}")
+    for name, reason in plan.skipped.items():
+        console.print(f"[yellow]skipped[/] {escape(name)}: {escape(reason)}")
+    say(f"{len(plan.pairs)} pairs -> {plan.out}")
     with Progress(*_progress_columns(), console=console, transient=False) as prog:
         task = prog.add_task("pairs", total=None, last="")
 
         def on_result(res, i, n):
             last = res.rows[-1]
             prog.update(task, total=n, completed=i,
-                        last=f"pair {last['pair_id']} {last['method']}: {last['status']}")
+                        last=escape(f"pair {last['pair_id']} {last['method']}: {last['status']}"))
 
         try:
-            summary = runner.run(config, progress=on_result)
+            summary = runner.run(plan, progress=on_result)
         except runner.RunError as exc:
-            console.print(f"[red]error:[/] {exc}")
-            return 2
+            prog.stop()
+            return fail(exc)
+        except runner.RunInterrupted as exc:
+            prog.stop()
+            say(str(exc))
+            return 130
     counts = ", ".join(f"{v} {k}" for k, v in sorted(summary.counts.items())) or "nothing new"
-    console.print(f"wrote {summary.written} rows ({counts}); {summary.already} already stored")
-    console.print(f"results: {summary.out / 'results.csv'}")
+    retried = f" ({summary.retried} earlier timeouts or crashes run again)" if summary.retried else ""
+    say(f"wrote {summary.written} rows ({counts}); {summary.already} already stored{retried}")
+    for (method, status), (n, message) in sorted(summary.problems.items()):
+        say(f"  {method}: {n} {status}" + (f"; first: {message}" if message else ""))
+    say(f"results: {summary.out / 'results.csv'}")
     return 0
 
 
@@ -173,6 +195,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a fatal error")
     sub = parser.add_subparsers(dest="command", required=True)
     _run_parser(sub)
     p = sub.add_parser("list", help="list the registered methods, their availability and parameters")
@@ -222,5 +245,21 @@ COMMANDS = {"make-large": cmd_make_large, "run": cmd_run, "list": cmd_list, "rep
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Fatal errors are one ``error:`` line and exit code 2 (``--debug``: the traceback);
+    Ctrl-C exits 130."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     args = build_parser().parse_args(argv)
-    return COMMANDS[args.command](args)
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        say("interrupted")
+        return 130
+    except Exception as exc:  # noqa: BLE001 - one line, not a traceback, unless --debug
+        if debug:
+            raise
+        text = str(exc) if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}"
+        return fail(f"{text} (run with --debug for the traceback)")
