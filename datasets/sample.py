@@ -9,7 +9,7 @@ into place only when complete, so an interrupted run never leaves a half dataset
 finishes first wins; the other discards its copy).
 
 Cache location, first match wins: the ``cache_dir`` argument, ``$HISTREG_BENCH_CACHE``,
-``~/.cache/histreg-bench``.
+``$XDG_CACHE_HOME/histreg-bench``, ``~/.cache/histreg-bench``.
 """
 
 from __future__ import annotations
@@ -42,12 +42,13 @@ MANIFEST = "sample.json"
 
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
-    """The cache folder: ``cache_dir``, else ``$HISTREG_BENCH_CACHE``, else ``~/.cache/histreg-bench``."""
+    """The cache folder: ``cache_dir``, else ``$HISTREG_BENCH_CACHE``, else ``$XDG_CACHE_HOME/histreg-bench``,
+    else ``~/.cache/histreg-bench`` (the preprocessing cache, :mod:`bench.cache`, uses the same folder)."""
     if cache_dir is not None:
         return Path(cache_dir).expanduser()
     if os.environ.get(CACHE_ENV):
         return Path(os.environ[CACHE_ENV]).expanduser()
-    return Path.home() / ".cache" / "histreg-bench"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "histreg-bench"
 
 
 def sample_manifest() -> dict:

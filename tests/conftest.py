@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import cv2
@@ -12,6 +15,30 @@ from bench.datasets.anhir import write_landmarks
 from bench import geometry
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "anhir-mini"
+CACHE_ENV = "HISTREG_BENCH_CACHE"
+_CACHE_KEY = pytest.StashKey[tuple]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The suite never touches the user's cache: one fresh cache folder for the session, in the environment
+    before any test runs, so the library, xdist workers and every subprocess a test starts all use it."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        return  # a worker inherited the controller's folder with its environment
+    folder = tempfile.mkdtemp(prefix="histreg-bench-tests-")
+    config.stash[_CACHE_KEY] = (folder, os.environ.get(CACHE_ENV))
+    os.environ[CACHE_ENV] = folder
+    os.environ.pop("HISTREG_CACHE", None)  # retired; set, it would only add a warning
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    folder, before = config.stash.get(_CACHE_KEY, (None, None))
+    if folder is None:
+        return
+    shutil.rmtree(folder, ignore_errors=True)
+    if before is None:
+        os.environ.pop(CACHE_ENV, None)
+    else:
+        os.environ[CACHE_ENV] = before
 
 
 @pytest.fixture

@@ -127,9 +127,34 @@ def test_bad_image_is_not_cached(tmp_path, pair):
 
 
 def test_default_folder_follows_the_environment(monkeypatch, tmp_path):
-    monkeypatch.setenv("HISTREG_CACHE", str(tmp_path / "here"))
-    assert default_folder() == tmp_path / "here"
-    assert PreprocessCache().folder == tmp_path / "here"
-    monkeypatch.delenv("HISTREG_CACHE")
+    monkeypatch.setenv("HISTREG_BENCH_CACHE", str(tmp_path / "here"))
+    assert default_folder() == tmp_path / "here" / "preprocess"
+    assert PreprocessCache().folder == tmp_path / "here" / "preprocess"
+    monkeypatch.delenv("HISTREG_BENCH_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert default_folder() == tmp_path / "xdg" / "histreg-bench" / "preprocess"
+
+
+def test_one_cache_variable_the_retired_one_warns(monkeypatch, tmp_path):
+    from bench.datasets import sample
+
+    monkeypatch.setenv("HISTREG_BENCH_CACHE", str(tmp_path / "one"))
+    assert sample.cache_root() == cache_mod.cache_root() == tmp_path / "one"  # sample and cache: one folder
+    monkeypatch.setenv("HISTREG_CACHE", str(tmp_path / "old"))
+    monkeypatch.setattr(cache_mod, "_WARNED", set())
+    with pytest.warns(UserWarning, match=r"HISTREG_CACHE is no longer read.*HISTREG_BENCH_CACHE"):
+        assert cache_mod.default_folder() == tmp_path / "one" / "preprocess"
+
+
+def test_the_suite_never_uses_the_users_cache():
+    """tests/conftest.py sets the variable for the session, for this process and the ones it starts."""
+    import os
+    import subprocess
+    import sys
+
+    folder = Path(os.environ["HISTREG_BENCH_CACHE"])
+    assert "histreg-bench-tests-" in folder.name
+    assert cache_mod.default_folder().is_relative_to(folder)
+    code = "from bench import cache; print(cache.default_folder())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert Path(out.stdout.strip()).is_relative_to(folder)
