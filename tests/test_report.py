@@ -218,8 +218,9 @@ def report(run_dir):
 # ---------------------------------------------------------------- Table 1 against an independent recomputation
 
 
-def recompute(results: pd.DataFrame) -> pd.DataFrame:
-    """Table 1 from results.csv with plain pandas, independent of bench.report's code."""
+def recompute(results: pd.DataFrame, ref: float = 0.05) -> pd.DataFrame:
+    """Table 1 from results.csv with plain pandas, independent of bench.report's code (``ref``: the run's
+    reference_time_s)."""
     out = {}
     for method, g in results.groupby("method"):
         scored = g[g["rtre_median"].notna()]
@@ -228,8 +229,8 @@ def recompute(results: pd.DataFrame) -> pd.DataFrame:
         out[method] = {
             "median_rtre": scored["rtre_median"].median(), "average_rtre": scored["rtre_median"].mean(),
             "average_max_rtre": scored["rtre_max"].mean(), "mean_time_ms": timed["time_s"].mean() * 1000,
-            "median_time_ms": timed["time_s"].median() * 1000, "mean_time_ref": timed["time_s"].mean() / 0.05,
-            "median_time_ref": timed["time_s"].median() / 0.05,
+            "median_time_ms": timed["time_s"].median() * 1000, "mean_time_ref": timed["time_s"].mean() / ref,
+            "median_time_ref": timed["time_s"].median() / ref,
             "success_rate_pct": 100 * (evaluable["success"].astype(str) == "True").mean(),
             "robustness_mean": scored["robustness"].mean(), "pairs_scored": len(scored),
             "failures": int(g["status"].isin(["failed", "timeout"]).sum()),
@@ -736,7 +737,7 @@ def check_report_against_results(run: Path, report_dir: Path) -> pd.DataFrame:
     """Table 1 equals the recomputation from results.csv; one Markdown row per method; every output exists."""
     results = pd.read_csv(run / "results.csv", dtype={"success": str, "pair_id": str})
     table = pd.read_csv(report_dir / "tables" / "table1.csv").set_index("method")
-    expected = recompute(results)
+    expected = recompute(results, json.loads((run / "run.json").read_text())["reference_time_s"])
     assert sorted(table.index) == sorted(expected.index) == sorted(set(results["method"]))
     for col in expected.columns:
         np.testing.assert_allclose(
@@ -768,6 +769,25 @@ def test_end_to_end_bench_run_then_report_and_export(data, tmp_path):
     bench_cli("export-anhir", "--run", str(run), "--method", "preprocessed", "--out", str(tmp_path / "sub"))
     sub = pd.read_csv(tmp_path / "sub" / "registration-results.csv", dtype=str, keep_default_na=False)
     assert len(sub) == 6 and all((tmp_path / "sub" / p).is_file() for p in sub["Warped source landmarks"])
+    # the issue's check: export-anhir of the sift rows, import-anhir of that table into another run of the
+    # same pairs as a method from "outside": the imported rows' rTRE equal the original run's
+    bench_cli("export-anhir", "--run", str(run), "--method", "sift", "--out", str(tmp_path / "sift-sub"))
+    other = tmp_path / "other-run"
+    bench_cli("run", "--dataset", str(data["table"]), "--methods", "identity", "--out", str(other), "--no-cache",
+              "--device", "cpu")  # fmt: skip
+    bench_cli("import-anhir", "--run", str(other), "--method", "outside",
+              str(tmp_path / "sift-sub" / "registration-results.csv"))  # fmt: skip
+    res = pd.read_csv(run / "results.csv", dtype={"pair_id": str})
+    imp = pd.read_csv(other / "results.csv", dtype={"pair_id": str})
+    sift = res[res["method"] == "sift"].set_index("pair_id").sort_index()
+    outside = imp[imp["method"] == "outside"].set_index("pair_id").sort_index()
+    assert list(outside.index) == list(sift.index)
+    np.testing.assert_allclose(outside["rtre_median"], sift["rtre_median"], rtol=1e-12, equal_nan=True)
+    ok = sift["status"].isin(["ok", "unscored"])  # a failed sift row exports its fallback landmarks
+    assert list(outside.loc[ok, "status"]) == list(sift.loc[ok, "status"])
+    assert set(outside["time_source"]) == {"reported"}
+    bench_cli("report", "--run", str(other))
+    assert "reported by the tool" in (other / "report" / "tables" / "table1.md").read_text()
 
 
 ANHIR_MINI = Path(__file__).resolve().parents[2] / "shared" / "data" / "anhir-mini" / "dataset.csv"

@@ -127,11 +127,17 @@ class PairView:
         ax.set_yticks([])
         ax.grid(False)
         ax.set_title(title, fontsize=7)
-        if self.problem or (after and self.matrix is None):
+        landmarks_only = after and self.matrix is None and self.w_lnd is not None and not self.problem
+        if self.problem or (after and self.matrix is None and not landmarks_only):
             ax.text(0.5, 0.5, self.problem or "no matrix stored", ha="center", va="center", fontsize=7,
                     transform=ax.transAxes, wrap=True)  # fmt: skip
             return
-        moving = self.warped(self.matrix if after else np.eye(3))
+        if landmarks_only:  # an imported row: the tool gave warped landmarks, no matrix to warp the image by
+            moving = np.zeros_like(self.target)
+            ax.text(0.02, 0.02, "no matrix (imported): target and warped landmarks only", color="white",
+                    fontsize=6, transform=ax.transAxes, va="bottom")  # fmt: skip
+        else:
+            moving = self.warped(self.matrix if after else np.eye(3))
         ax.imshow(composite(self.target, moving), interpolation="bilinear")
         _draw_points(ax, self.t_lnd, self.w_lnd if after else self.s_lnd)
         ax.set_xlim(0, self.size[0] - 1)
