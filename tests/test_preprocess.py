@@ -17,6 +17,7 @@ from bench.preprocess import (
     params_dict,
     prepare_pair,
     shift_batch,
+    texture_mi,
     tissue_mask,
     warp_batch,
 )
@@ -208,18 +209,19 @@ def test_refinement_is_finer_than_the_coarse_step(tmp_path):
     assert abs(refined - angle) < 0.4 < abs(coarse_only - angle)
 
 
-def test_flip_is_found_only_when_it_clearly_wins(tmp_path):
+def test_flip_is_found_with_default_settings(tmp_path):
     true = _true_source_to_target(25.0, (210, 160), (6.0, 0.0))
     src, tgt, _ = _moved_pair(tmp_path, np.linalg.inv(true))
     mirrored = tmp_path / "mirrored.png"
     img = cv2.imread(str(src))
     cv2.imwrite(str(mirrored), img[:, ::-1])
-    params = PreprocessParams(flip_test=True)
+    params = PreprocessParams()
+    assert params.flip_test is True  # on by default
     plain = prepare_pair(src, tgt, params).diagnostics
     flipped = prepare_pair(mirrored, tgt, params)
-    assert plain["flipped"] is False
+    assert plain["flipped"] is False and plain["flip_lead"] < 0
     assert flipped.diagnostics["flipped"] is True
-    assert flipped.diagnostics["ncc_flipped"] > flipped.diagnostics["ncc_unflipped"] + params.flip_margin
+    assert flipped.diagnostics["ncc_flipped"] > flipped.diagnostics["ncc_unflipped"]
     w = img.shape[1]
     mirror = np.array([[-1.0, 0, w - 1], [0, 1, 0], [0, 0, 1]])  # mirrored px -> source px
     pts = np.array([[150.0, 120.0], [250.0, 190.0], [190.0, 100.0]])
@@ -227,6 +229,121 @@ def test_flip_is_found_only_when_it_clearly_wins(tmp_path):
     err = np.linalg.norm(geometry.apply(flipped.to_original(np.eye(3)), src_pts) - pts, axis=1)
     assert err.max() < 2.0
     assert np.linalg.det(flipped.source_pre[:2, :2]) < 0
+    off = prepare_pair(mirrored, tgt, PreprocessParams(flip_test=False)).diagnostics
+    assert off["flipped"] is False and off["flip_decision"] == "off" and off["ncc_flipped"] is None
+
+
+def _generated(tmp_path: Path, seed: int, mirror: str | None):
+    """A generated two-stain pair (any rotation, scale 0.85-1.2, shear), the source optionally mirrored
+    ("lr" or "tb"); returns the two paths and the landmarks (source, target)."""
+    from bench.datasets.synthetic import GeneratorConfig, generate_pair
+
+    cfg = GeneratorConfig(size=480, n_landmarks=20, scale_range=(0.85, 1.2), max_shear=0.08)
+    pair = generate_pair(seed, source_stain="HE", target_stain="PAS", config=cfg)
+    src, pts = pair.source_rgb, pair.source_landmarks.copy()
+    h, w = src.shape[:2]
+    if mirror == "lr":
+        src, pts[:, 0] = src[:, ::-1], w - 1 - pts[:, 0]
+    elif mirror == "tb":
+        src, pts[:, 1] = src[::-1], h - 1 - pts[:, 1]
+    s = _write(tmp_path / f"s{seed}{mirror}.png", np.ascontiguousarray(src))
+    t = _write(tmp_path / f"t{seed}.png", pair.target_rgb)
+    return s, t, pts, pair.target_landmarks, np.hypot(*pair.target_rgb.shape[:2])
+
+
+@pytest.mark.parametrize("seed, mirror", [(3, "lr"), (8, "tb")])
+def test_generated_mirrored_pair_is_found_and_aligned_by_default(tmp_path, seed, mirror):
+    s, t, ls, lt, diagonal = _generated(tmp_path, seed, mirror)
+    p = prepare_pair(s, t)  # default settings
+    assert p.diagnostics["flipped"] is True
+    rtre = np.linalg.norm(geometry.apply(p.to_original(np.eye(3)), ls) - lt, axis=1) / diagonal
+    assert np.median(rtre) <= 0.035
+
+
+@pytest.mark.parametrize("seed", [3, 8])
+def test_generated_unmirrored_pair_is_not_flipped_and_unchanged(tmp_path, seed):
+    """Default settings keep an unmirrored pair unmirrored, with the very matrix the search without the
+    flip test finds (the unmirrored candidates are the same computations)."""
+    s, t, ls, lt, diagonal = _generated(tmp_path, seed, None)
+    on = prepare_pair(s, t)
+    off = prepare_pair(s, t, PreprocessParams(flip_test=False))
+    assert on.diagnostics["flipped"] is False and on.diagnostics["flip_decision"] in ("ncc", "texture")
+    np.testing.assert_allclose(on.source_pre, off.source_pre, atol=1e-9)
+    rtre = np.linalg.norm(geometry.apply(on.to_original(np.eye(3)), ls) - lt, axis=1) / diagonal
+    assert np.median(rtre) <= 0.035
+
+
+def _field_of_view(tmp_path: Path, seed: int, mirror: bool):
+    """A generated two-stain pair cut to fields of view (each image its own window of 75 % of each side,
+    tissue filling most of the frame), the source (mirrored left-right first, if asked) then moved by any
+    rotation, scale 0.9-1.1 and shear; returns the paths, the landmarks (source, target) and the diagonal."""
+    from bench.datasets.synthetic import GeneratorConfig, generate_pair
+
+    cfg = GeneratorConfig(size=480, n_landmarks=30, max_rotation_deg=0.0, scale_range=(1.0, 1.0), max_shear=0.0)
+    pair = generate_pair(seed, source_stain="HE", target_stain="PAS", config=cfg)
+    rng = np.random.default_rng(seed)
+    cut = []
+    for img, pts in ((pair.source_rgb, pair.source_landmarks), (pair.target_rgb, pair.target_landmarks)):
+        h, w = img.shape[:2]
+        ch, cw = int(h * 0.75), int(w * 0.75)
+        y0, x0 = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+        cut.append((img[y0:y0 + ch, x0:x0 + cw], pts - [x0, y0]))
+    (src, ls), (tgt, lt) = cut
+    h, w = src.shape[:2]
+    m = np.array([[-1.0, 0, w - 1], [0, 1, 0], [0, 0, 1]]) if mirror else np.eye(3)
+    a = geometry.random_affine(rng, ((w - 1) / 2, (h - 1) / 2), max_rotation_deg=180, scale_range=(0.9, 1.1),
+                               max_shear=0.05) @ m
+    corners = geometry.apply(a, np.array([[0, 0], [w - 1, 0], [0, h - 1], [w - 1, h - 1]], float))
+    a = geometry.translation(*(20 - corners.min(0))) @ a
+    size = tuple(int(v) for v in np.ceil(corners.max(0) - corners.min(0) + 41))
+    border = tuple(int(v) for v in np.median(np.concatenate([src[0], src[-1]]), axis=0))
+    moved = cv2.warpAffine(src, a[:2], size, borderValue=border)
+    s, t = _write(tmp_path / f"s{seed}{mirror}.png", moved), _write(tmp_path / f"t{seed}.png", tgt)
+    return s, t, geometry.apply(a, ls), lt, np.hypot(*tgt.shape[:2])
+
+
+@pytest.mark.parametrize("seed", [9, 12])
+def test_mirrored_field_of_view_is_found_by_default(tmp_path, seed):
+    """Tissue filling the frame: the outline barely changes under a mirror, so the NCC of the two mirror
+    states is close (for these pairs under the former fixed margin of 0.1); the default still finds it."""
+    for mirror in (False, True):
+        s, t, ls, lt, diagonal = _field_of_view(tmp_path, seed, mirror)
+        p = prepare_pair(s, t)
+        assert p.diagnostics["flipped"] is mirror
+        rtre = np.linalg.norm(geometry.apply(p.to_original(np.eye(3)), ls) - lt, axis=1) / diagonal
+        assert np.median(rtre) <= 0.035
+
+
+@pytest.mark.parametrize("mirror", [None, "lr"])
+def test_texture_mi_decides_the_close_calls(tmp_path, mirror):
+    """With the NCC made to decide nothing (a huge flip_margin and band), the texture MI alone picks the
+    right mirror state."""
+    s, t, ls, lt, diagonal = _generated(tmp_path, 5, mirror)
+    p = prepare_pair(s, t, PreprocessParams(flip_margin=9.0, flip_mi_band=9.0))
+    d = p.diagnostics
+    assert d["flip_decision"] == "texture"
+    assert d["flipped"] is (mirror is not None)
+    right, wrong = (d["mi_flipped"], d["mi_unflipped"]) if mirror else (d["mi_unflipped"], d["mi_flipped"])
+    assert right > wrong + 0.01
+
+
+def test_texture_mi_is_highest_at_the_true_alignment():
+    rgb, _ = tissue(4, (240, 320))
+    img = 1 - cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY).astype(np.float32) / 255
+    true = geometry.rotation(0.0, (160, 120))
+    mirrored = np.array([[-1.0, 0, 319], [0, 1, 0], [0, 0, 1]])
+    moved = [true, geometry.translation(12, 0), mirrored]
+    mi = texture_mi(img, img, np.stack(moved), size=256)
+    assert mi[0] > mi[1] and mi[0] > mi[2] and mi[0] > 0.5
+    assert texture_mi(img, img, np.stack([geometry.translation(400, 0)]))[0] == 0.0  # no common tissue
+
+
+def test_flip_defaults_are_the_documented_ones():
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "preprocessing.md").read_text()
+    row = next(line for line in doc.splitlines() if line.startswith("| `flip_test`"))
+    p = PreprocessParams()
+    cells = [c.strip() for c in row.split("|")[2].split(",")]
+    assert cells == [str(p.flip_test), f"{p.flip_margin:g}", f"{p.flip_mi_band:g}", str(p.flip_mi_size)]
 
 
 def test_translation_search_handles_tissue_filling_the_frame(tmp_path):
