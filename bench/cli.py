@@ -163,9 +163,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         runs = args.run or [report.latest_run(Path("reports"))]
         path = report.build_report([Path(r) for r in runs], args.out)
     except report.ReportError as exc:
-        console.print(f"[red]error:[/] {exc}")
-        return 2
-    console.print(f"report: {path}")
+        return fail(exc)
+    say(f"report: {path}")
     return 0
 
 
@@ -175,9 +174,19 @@ def cmd_export(args: argparse.Namespace) -> int:
     try:
         path = report.export_anhir(args.run, args.method, args.out)
     except report.ReportError as exc:
-        console.print(f"[red]error:[/] {exc}")
-        return 2
-    console.print(f"ANHIR submission: {path}")
+        return fail(exc)
+    say(f"ANHIR submission: {path}")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from bench.report import ReportError, importer
+
+    try:
+        summary = importer.import_anhir(args.run, args.method, args.table, replace=args.replace)
+    except ReportError as exc:
+        return fail(exc)
+    say(importer.summary_line(summary))
     return 0
 
 
@@ -207,6 +216,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", type=Path, required=True)
     p.add_argument("--method", required=True)
     p.add_argument("--out", type=Path)
+    p = sub.add_parser("import-anhir", help="add a tool's ANHIR submission table to a run as one more method "
+                       "(scored here; its time is the one the tool reported)")
+    p.add_argument("table", type=Path, help="the submission's pair table (with 'Warped source landmarks' and "
+                   "'Execution time [minutes]' columns)")
+    p.add_argument("--run", type=Path, required=True, help="run folder whose dataset the submission covers")
+    p.add_argument("--method", required=True, help="name the imported rows get (must be new in the run)")
+    p.add_argument("--replace", action="store_true", help="replace the rows of a method of that name")
     p = sub.add_parser("cache", help="show or clear the preprocessing cache")
     p.add_argument("action", choices=["path", "clear"])
     p.add_argument("--cache-dir", type=Path)
@@ -240,7 +256,7 @@ def cmd_make_large(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"make-large": cmd_make_large, "run": cmd_run, "list": cmd_list, "report": cmd_report, "export-anhir": cmd_export,
+COMMANDS = {"make-large": cmd_make_large, "run": cmd_run, "list": cmd_list, "report": cmd_report, "export-anhir": cmd_export, "import-anhir": cmd_import,
             "cache": cmd_cache, "train": cmd_train}
 
 
