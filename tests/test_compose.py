@@ -369,3 +369,18 @@ def test_generator_unrelated_table_pairs_other_tissues(tmp_path):
         assert Path(p.source_image).parts[-3] != Path(p.target_image).parts[-3]
     with pytest.raises(ValueError, match="at least 2"):
         write_dataset(tmp_path / "one", 1, seed=1, config=GeneratorConfig(size=200, n_landmarks=5), unrelated=True)
+
+
+def test_run_accepts_composites_and_their_parameters(tmp_path):
+    from bench.runner import RunConfig, RunError, parse_overrides, run
+
+    overrides = parse_overrides(["sift|preprocessed.sift=ratio=0.8;gate=0.05", "sift|preprocessed.accept=2"])
+    assert overrides == {"sift|preprocessed": {"sift": "ratio=0.8;gate=0.05", "accept": "2"}}
+    with pytest.raises(RunError, match="unknown parameter 'ratoi'"):
+        run(RunConfig(methods="sift|preprocessed", overrides={"sift|preprocessed": {"sift": "ratoi=1"}},
+                      out=tmp_path / "a"))
+    with pytest.raises(RunError, match="bad composition expression 'sift\\|\\|preprocessed'"):
+        run(RunConfig(methods="sift||preprocessed", out=tmp_path / "b"))
+    with pytest.raises(RunError, match="'identity' cannot be a member"):
+        run(RunConfig(methods="preprocessed,identity|sift", out=tmp_path / "c"))
+    assert not any((tmp_path / d / "results.csv").exists() for d in "abc")  # refused before any work
