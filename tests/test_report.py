@@ -601,6 +601,12 @@ def test_composed_method_names_display_everywhere(run_dir, tmp_path):
     gallery_files = sorted(p.name for p in (out / "gallery").glob("worst_*.png"))
     assert len(gallery_files) == 4 and all("|" not in n and ">" not in n for n in gallery_files)
     assert all(_nonblank_png(out / "figures" / f"{stem}.png") for stem in PLOTS)
+    runs, df = load_runs([run])
+    row = next(df[(df["method"] == "learned>iterative") & (df["pair_id"] == "2")].itertuples(index=False))
+    assert gal.PairView(row, runs[0]).w_lnd is not None  # the gallery finds the composed method's landmarks
+    sub = export_anhir(run, "sift|iterative|preprocessed", tmp_path / "sub")
+    table = pd.read_csv(sub / "registration-results.csv", dtype=str, keep_default_na=False)
+    assert all((sub / rel).is_file() for rel in table["Warped source landmarks"])
 
 
 # ---------------------------------------------------------------- ANHIR import

@@ -322,7 +322,10 @@ def build_report(run_dirs: list[Path], out_dir: Path | None = None, gallery_k: i
     gal = gallery.build_gallery(df, runs, out / "gallery", k=gallery_k)
     created = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     subtitle = f"Generated {created} from {', '.join(str(r.path) for r in runs)}"
-    title = "histreg-bench report" + (f" — {GENERATED_TITLE}" if generated_note(runs) else "")
+    n_gen = sum(1 for r in runs if r.generated)
+    title = "histreg-bench report" + (
+        f" — {GENERATED_TITLE}" if n_gen == len(runs) else " — includes generated data" if n_gen else ""
+    )
     sections = _sections(runs, df, t, figs, gal, notes, threshold, out, multi, q_threshold, q_source)
     (out / "report.md").write_text(
         _markdown_report(title, subtitle, runs, df, t, figs, notes, threshold, q_threshold, q_source, out, multi),

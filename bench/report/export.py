@@ -24,6 +24,7 @@ import pandas as pd
 
 from bench.datasets import anhir
 from bench.report.load import WARPED, ReportError, Run, load_run
+from bench.store import safe_name, warped_path
 
 RESULTS_NAME = "registration-results.csv"
 COL_WARPED = "Warped source landmarks"
@@ -85,13 +86,13 @@ def export_anhir(run_dir: str | Path, method: str, out_dir: str | Path | None = 
     (out / WARPED).mkdir(parents=True, exist_ok=True)
     warped_col, time_col, missing = [], [], []
     for pid in ids:
-        src = run.path / WARPED / method / f"{pid}.csv"
+        src = warped_path(run.path, method, pid)
         if pid not in rows.index or not src.is_file():
             warped_col.append("")
             time_col.append("")
             missing.append(pid)
             continue
-        rel = f"{WARPED}/{pid}.csv"
+        rel = f"{WARPED}/{safe_name(pid)}.csv"
         shutil.copyfile(src, out / rel)
         warped_col.append(rel)
         minutes = _minutes(rows.loc[pid], include_preprocess)

@@ -24,8 +24,9 @@ from matplotlib.figure import Figure
 
 from bench import geometry, imageio
 from bench.datasets.anhir import LandmarkError, read_landmarks
-from bench.report.load import WARPED, Run, read_points, resolve_file
+from bench.report.load import Run, read_points, resolve_file
 from bench.report.plots import STYLE
+from bench.store import warped_path
 
 MAX_SIDE = 720  # longer side of the decoded target / source in the gallery, pixels
 
@@ -112,7 +113,7 @@ class PairView:
         reduce = functools.partial(geometry.apply, self.r_t)
         t_lnd = _points(resolve_file(row.target_landmarks, run))
         s_lnd = _points(resolve_file(row.source_landmarks, run))
-        w_lnd = read_points(run.path / WARPED / row.method / f"{row.pair_id}.csv")
+        w_lnd = read_points(warped_path(run.path, row.method, row.pair_id))
         self.t_lnd = None if t_lnd is None else reduce(t_lnd)
         self.s_lnd = None if s_lnd is None else reduce(s_lnd)  # identity: source pixels on the target frame
         self.w_lnd = None if w_lnd is None else reduce(w_lnd)
@@ -134,7 +135,7 @@ class PairView:
             return
         if landmarks_only:  # an imported row: the tool gave warped landmarks, no matrix to warp the image by
             moving = np.zeros_like(self.target)
-            ax.text(0.02, 0.02, "no matrix (imported): target and warped landmarks only", color="white",
+            ax.text(0.02, 0.02, "imported: landmarks only", color="white",
                     fontsize=6, transform=ax.transAxes, va="bottom")  # fmt: skip
         else:
             moving = self.warped(self.matrix if after else np.eye(3))
