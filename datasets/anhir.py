@@ -114,7 +114,7 @@ def read_landmarks(path: str | Path, *, allow_negative: bool = False) -> np.ndar
     """
     path = Path(path)
     try:
-        with path.open(newline="") as fh:
+        with path.open(newline="", encoding="utf-8-sig") as fh:
             rows = list(csv.reader(fh))
     except FileNotFoundError:
         raise LandmarkError(f"{path}: landmark file not found") from None
@@ -186,7 +186,7 @@ def load_table(table: str | Path, data_roots: list[str | Path] | tuple = ()) -> 
     table = Path(table)
     roots = [table.parent.resolve(), *(Path(r).resolve() for r in data_roots)]
     try:
-        with table.open(newline="") as fh:
+        with table.open(newline="", encoding="utf-8-sig") as fh:  # a BOM is not part of the first cell
             rows = list(csv.reader(fh))
     except FileNotFoundError:
         raise DatasetError(f"{table}: pair table not found") from None
