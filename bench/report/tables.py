@@ -93,7 +93,7 @@ DISPLAY = {
     "median_rtre_ci_low": "Median CI low",
     "median_rtre_ci_high": "Median CI high",
 }
-SIGNIFICANT = ("p_value", "p_holm")
+SIGNIFICANT = ("p_value", "p_holm", "mean_time_ref", "median_time_ref")  # 3 significant digits: × ref spans decades
 DECIMALS = {
     "median_rtre": 4, "average_rtre": 4, "average_max_rtre": 4, "mean_time_ms": 2, "mean_time_ref": 3,
     "median_time_ms": 2, "median_time_ref": 3, "auc": 3, "quality": 3, "rtre_median": 4,
