@@ -17,9 +17,8 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
-from rich.table import Table
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # soft wrap: an error stays one line in a log or a pipe
 
 
 def say(text: object) -> None:
@@ -31,6 +30,9 @@ def fail(message: object) -> int:
     """One ``error:`` line (the message printed literally); returns the exit code 2."""
     console.print(f"[red]error:[/] {escape(str(message))}", highlight=False)
     return 2
+
+
+_PLUGIN_HELP = "methods from outside: a module, a .py file, or either with :Class (repeatable)"
 
 
 def _run_parser(sub: argparse._SubParsersAction) -> None:
@@ -54,8 +56,7 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:
                    help="median rTRE at or below which a pair counts as a success (default 0.035)")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the preprocessing cache")
     p.add_argument("--cache-dir", type=Path, help="preprocessing cache folder (default: user cache)")
-    p.add_argument("--plugin", action="append", default=[], metavar="MODULE",
-                   help="import a module that registers extra methods (repeatable)")
+    p.add_argument("--plugin", action="append", default=[], metavar="PLUGIN", help=_PLUGIN_HELP)
     p.add_argument("--limit", type=int, help="only the first N pairs of the table")
     p.add_argument("--retry-failed", action="store_true",
                    help="also run again the stored rows a method reported as failed, and bad inputs "
@@ -132,27 +133,130 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    import dataclasses
-
+    """``list``: a short table of the methods; ``list NAME``: one method's parameters and known limits."""
     from bench import registry
 
-    registry.discover(tuple(args.plugin))
-    table = Table(title="registered methods")
-    for col in ("name", "version", "available", "preprocessing", "devices", "parameters (defaults)"):
-        table.add_column(col)
+    try:
+        registry.discover(tuple(args.plugin))
+    except registry.PluginError as exc:
+        return fail(exc)
+    out = Console()
+    if args.name:
+        return _list_one(args.name, out)
+    rows, unavailable, limited = [], {}, []
     for name in registry.names():
         cls = registry.get(name)
         reason = cls.unavailable_reason()
-        params = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls.Params)) or "-"
-        table.add_row(name, cls.version, "yes" if not reason else f"[red]no[/]: {reason}",
-                      "shared" if cls.uses_preprocessing else "none", ",".join(cls.devices), params)
-    Console().print(table)
+        if reason:
+            unavailable[name] = reason
+        if cls.known_limits:
+            limited.append(f"{name} ({len(cls.known_limits)})")
+        version = cls.version if len(cls.version) <= 7 else cls.version[:6] + "…"  # `list NAME`: all of it
+        rows.append((name, version, "no" if reason else "yes", cls.description.split(". ")[0]))
+    width = max(40, out.width)
+    nw = max([len(r[0]) for r in rows] + [4])
+    for i, (name, version, available, desc) in enumerate([("name", "version", "available", "description"),
+                                                          *rows]):
+        line = f"{name:<{nw}}  {version:<7}  {available:<9}  {desc}"
+        if len(line) > width:  # the description is cut to the terminal (COLUMNS), the rest stays aligned
+            line = line[: width - 1].rstrip() + "…"
+        out.print(line, markup=False, highlight=False, style="bold" if i == 0 else None)
+    for name, reason in unavailable.items():
+        out.print(f"{name} is unavailable: {reason}", markup=False)
     for mod, err in registry.broken_modules().items():
-        Console().print(f"[red]unavailable[/] {mod}: {err}")
-    from bench.preprocess import PreprocessParams
+        out.print(f"{mod} failed to import: {err}", markup=False)
+    if limited:
+        out.print(f"known limits declared by: {', '.join(limited)}", markup=False)
+    out.print("`list NAME` shows a method's parameters and known limits (`list preprocess`: the shared "
+              "stage's); `check NAME` runs its contract checks.", markup=False)
+    return 0
 
-    pre = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(PreprocessParams))
-    Console().print(f"preprocess parameters: {pre}")
+
+def _list_one(name: str, out: Console) -> int:
+    import textwrap
+
+    from bench import registry
+    from bench.method import describe_params
+
+    if name == "preprocess":
+        from bench.preprocess import PreprocessParams
+
+        out.print("preprocess: the shared preprocessing stage (docs/preprocessing.md)", markup=False)
+        _print_params(out, describe_params(PreprocessParams), "preprocess")
+        return 0
+    try:
+        cls = registry.get(name)
+    except registry.UnknownMethodError as exc:
+        return fail(exc)
+    width = max(40, out.width)
+    reason = cls.unavailable_reason()
+    lines = [f"{cls.name} {cls.version}: {cls.description or '(no description)'}",
+             f"available: {'yes' if not reason else 'no: ' + reason}",
+             f"input: {'the shared preprocessing' if cls.uses_preprocessing else 'resampled images only'}; "
+             f"devices: {', '.join(cls.devices)}; requires: {', '.join(cls.requires) or '-'}",
+             f"class: {cls.__module__}.{cls.__qualname__}"]
+    for line in lines:
+        out.print(textwrap.fill(line, width, subsequent_indent="  "), markup=False, highlight=False)
+    _print_params(out, describe_params(cls.Params), cls.name)
+    if cls.known_limits:
+        out.print(f"known limits (contract checks it fails by design; `check {cls.name}`):", markup=False)
+        for check, why in cls.known_limits.items():
+            out.print(textwrap.fill(f"{check}: {why}", width, initial_indent="  ", subsequent_indent="      "),
+                      markup=False, highlight=False)
+    else:
+        out.print("known limits: none declared", markup=False)
+    return 0
+
+
+def _print_params(out: Console, params: list, owner: str) -> None:
+    import dataclasses
+    import textwrap
+
+    width = max(40, out.width)
+    if not params:
+        out.print("parameters: none", markup=False)
+        return
+    out.print(f"parameters (--set {owner}.NAME=VALUE):", markup=False)
+    for p in params:
+        default = "(required)" if p.default is dataclasses.MISSING else repr(p.default)
+        out.print(textwrap.fill(f"{p.name}: {p.type} = {default}", width, initial_indent="  ",
+                                subsequent_indent="      "), markup=False, highlight=False)
+        if p.help:
+            out.print(textwrap.fill(p.help, width, initial_indent="      ", subsequent_indent="      "),
+                      markup=False, highlight=False)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """``check NAME``: run every contract check (bench.conformance) on one method, one line per check."""
+    from rich.text import Text
+
+    from bench import conformance, registry
+
+    try:
+        registry.discover(tuple(args.plugin))
+        cls = registry.get(args.name)
+    except registry.UnknownMethodError as exc:  # also a PluginError
+        return fail(exc)
+    out = Console(soft_wrap=True)  # one line per check, whatever the terminal's width
+    import inspect
+
+    where = inspect.getsourcefile(cls) or cls.__module__
+    out.print(f"{cls.name} {cls.version} ({cls.__qualname__} in {where})", markup=False, highlight=False)
+    styles = {conformance.PASS: "green", conformance.FAIL: "bold red", conformance.LIMIT: "yellow",
+              conformance.SKIP: "dim"}
+    results = []
+    for check in conformance.CHECKS:
+        r = conformance.run_check(cls, check)
+        results.append(r)
+        line = r.line()
+        out.print(Text.assemble("  ", (line[:12], styles[r.status]), line[12:]), highlight=False)
+    counts = {s: sum(r.status == s for r in results) for s in styles}
+    out.print(f"{len(results)} checks: {counts[conformance.PASS]} passed, {counts[conformance.LIMIT]} known "
+              f"limit(s), {counts[conformance.FAIL]} failed, {counts[conformance.SKIP]} skipped", markup=False)
+    if counts[conformance.FAIL]:
+        return 1
+    if counts[conformance.SKIP]:
+        return fail(f"not checked here: {cls.name} is unavailable ({cls.unavailable_reason()})")
     return 0
 
 
@@ -191,14 +295,28 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
-    from bench.cache import PreprocessCache
+    """``cache path``: the folder and its size; ``cache clear``: remove the cached pairs and generated samples."""
+    import shutil
 
-    cache = PreprocessCache(args.cache_dir)
+    from bench import cache as cache_mod
+
+    root = cache_mod.cache_root()
+    cache = cache_mod.PreprocessCache(args.cache_dir)
     if args.action == "clear":
         n = cache.clear()
-        console.print(f"removed {n} cached pairs from {cache.folder}")
+        samples = []
+        if args.cache_dir is None:  # the embedded sample is regenerated on its next use
+            samples = sorted(root.glob("sample-*")) if root.is_dir() else []
+            for folder in samples:
+                shutil.rmtree(folder, ignore_errors=True)
+        say(f"removed {n} cached pairs from {cache.folder}"
+            + (f" and {len(samples)} generated sample folder(s) from {root}" if samples else ""))
     else:
-        console.print(str(cache.folder))
+        where = cache.folder if args.cache_dir else root
+        size, files = cache_mod.folder_size(where)
+        print(where)
+        say(f"{size / 1e6:.1f} MB in {files} files (${cache_mod.CACHE_ENV} moves it; "
+            "`python -m bench cache clear` empties it)")
     return 0
 
 
@@ -207,8 +325,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show the traceback of a fatal error")
     sub = parser.add_subparsers(dest="command", required=True)
     _run_parser(sub)
-    p = sub.add_parser("list", help="list the registered methods, their availability and parameters")
-    p.add_argument("--plugin", action="append", default=[], metavar="MODULE")
+    p = sub.add_parser("list", help="the registered methods; `list NAME`: one method's parameters and known limits")
+    p.add_argument("name", nargs="?", help="a method (or 'preprocess'): every parameter, its type, default and "
+                   "meaning, and the method's known limits")
+    p.add_argument("--plugin", action="append", default=[], metavar="PLUGIN", help=_PLUGIN_HELP)
+    p = sub.add_parser("check", help="run the contract checks on one method (exit status 1 when one fails)")
+    p.add_argument("name", help="method name")
+    p.add_argument("--plugin", action="append", default=[], metavar="PLUGIN", help=_PLUGIN_HELP)
     p = sub.add_parser("report", help="tables, plots, gallery and report.html from stored runs")
     p.add_argument("--run", type=Path, action="append", help="run folder (repeatable; default: the latest under reports/)")
     p.add_argument("--out", type=Path, help="output folder (default: <run>/report)")
@@ -256,7 +379,7 @@ def cmd_make_large(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"make-large": cmd_make_large, "run": cmd_run, "list": cmd_list, "report": cmd_report, "export-anhir": cmd_export, "import-anhir": cmd_import,
+COMMANDS = {"make-large": cmd_make_large, "run": cmd_run, "list": cmd_list, "check": cmd_check, "report": cmd_report, "export-anhir": cmd_export, "import-anhir": cmd_import,
             "cache": cmd_cache, "train": cmd_train}
 
 

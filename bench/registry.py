@@ -87,14 +87,20 @@ def discover(plugins: list[str] | tuple[str, ...] = ()) -> None:
             if info.name.startswith("_"):
                 continue
             _import(f"{pkg.__name__}.{info.name}")
-        for ep in importlib.metadata.entry_points(group="bench.methods"):
-            try:
-                load_plugin(ep.value)
-            except PluginError as exc:  # another package's broken entry point must not break the registry
-                _BROKEN[f"entry point {ep.name} = {ep.value}"] = str(exc)
+        load_entry_points()
         _DISCOVERED = True
     for spec in plugins:
         load_plugin(spec)
+
+
+def load_entry_points(group: str = "bench.methods") -> None:
+    """Load every entry point of ``group`` (``module`` or ``module:Class``); a broken one is listed as
+    unavailable with its reason instead of breaking the registry."""
+    for ep in importlib.metadata.entry_points(group=group):
+        try:
+            load_plugin(ep.value)
+        except PluginError as exc:
+            _BROKEN[f"entry point {ep.name} = {ep.value}"] = str(exc)
 
 
 def load_plugin(spec: str) -> list[type[Method]]:
