@@ -526,6 +526,14 @@ def test_generated_data_is_said_in_titles_and_summaries(run_dir, report, tmp_pat
     assert "GENERATED DATA" in md
     for fmt in ("md", "tex", "html"):
         assert "GENERATED DATA" in (page_path.parent / "tables" / f"table1.{fmt}").read_text(), fmt
+    exe = chromium()
+    if exe is not None:  # rendered, the page shows the red "generated data" box (the .warn border colour)
+        shot = tmp_path / "shot.png"
+        subprocess.run([exe, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                        f"--user-data-dir={tempfile.mkdtemp()}", f"--screenshot={shot}", "--window-size=1200,900",
+                        page_path.resolve().as_uri()], capture_output=True, timeout=120, check=False)  # fmt: skip
+        assert _pixels_near(shot, (0xC6 / 255, 0x28 / 255, 0x28 / 255), tol=8) > 300
     # a table written by the generator is recognised by its tissue names, without the manifest flag
     from bench.report.load import generated_reason
 
