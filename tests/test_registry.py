@@ -86,3 +86,18 @@ def test_methods_and_datasets_are_not_top_level_names(tmp_path):
     assert lines[0] == "bench.methods bench.datasets"
     for origin in lines[1:3]:  # None, or somebody else's package (e.g. Hugging Face datasets)
         assert origin == "None" or not Path(origin).resolve().is_relative_to(repo), origin
+
+
+@pytest.mark.parametrize("bad", ["", "Upper", "two words", "a,b", "a|b", "a:b"])
+def test_method_names_are_one_lower_case_word(bad):
+    class Bad(Method):
+        name = bad
+
+    with pytest.raises(ValueError, match="lower-case word"):
+        registry.register(Bad)
+
+
+def test_plugin_error_is_an_unknown_method_error():
+    """The runner turns registry errors into one error line; a plugin's import error is one of them."""
+    with pytest.raises(registry.UnknownMethodError, match="no_such_plugin_xyz"):
+        registry.discover(["no_such_plugin_xyz"])
