@@ -747,12 +747,12 @@ def rotation_search(
 
 
 def _rank_bins(values: np.ndarray, bins: int) -> np.ndarray:
-    """Equal-frequency bin index (0 .. bins-1) of each value: a rank transform, so any monotonic or
-    non-monotonic relation between two stains' intensities can show up in their joint histogram."""
-    order = np.argsort(values, kind="stable")
-    out = np.empty(values.size, np.intp)
-    out[order] = (np.arange(values.size) * bins) // max(values.size, 1)
-    return out
+    """Equal-frequency bin index (0 .. bins-1) of each value (edges from one ``np.partition``): a rank
+    transform, so any monotonic or non-monotonic relation between two stains' intensities can show up in
+    their joint histogram."""
+    kth = (np.arange(1, bins) * values.size) // bins
+    edges = np.partition(values, kth)[kth]
+    return np.searchsorted(edges, values, side="right")
 
 
 def texture_mi(source: np.ndarray, target: np.ndarray, matrices: np.ndarray, size: int = 256,
@@ -783,11 +783,10 @@ def texture_mi(source: np.ndarray, target: np.ndarray, matrices: np.ndarray, siz
     reduced = []
     for img, mask in ((source, source_mask), (target, target_mask)):
         small, rm = _reduce(np.ascontiguousarray(img, np.float32), r)
-        m = (img > 0) if mask is None else mask
-        m = cv2.resize(m.astype(np.float32), small.shape[::-1], interpolation=cv2.INTER_AREA) > 0.5
+        m = np.ascontiguousarray((img > 0) if mask is None else mask, bool)
+        m = cv2.resize(m.view(np.uint8), small.shape[::-1], interpolation=cv2.INTER_NEAREST)
         k = 2 * int(round(3 * sigma)) + 1
-        core = cv2.erode(m.view(np.uint8), np.ones((k, k), np.uint8), borderType=cv2.BORDER_CONSTANT,
-                         borderValue=0)
+        core = cv2.erode(m, np.ones((k, k), np.uint8), borderType=cv2.BORDER_CONSTANT, borderValue=0)
         bp = cv2.GaussianBlur(small, (0, 0), sigma) - cv2.GaussianBlur(small, (0, 0), 4 * sigma)
         reduced.append((bp, core, rm))
     (bs, cs, rs), (bt, ct, rt) = reduced
