@@ -4,7 +4,8 @@ The layout BIRL's ``evaluate_submission.py`` reads::
 
     <out>/registration-results.csv   the pair table (all its columns, unchanged) plus
                                      ``Warped source landmarks`` (path relative to <out>) and
-                                     ``Execution time [minutes]``
+                                     ``Execution time [minutes]``; and, not ANHIR's, ``Method status`` and
+                                     ``Method error`` (a failed row's warped landmarks are its fallback's)
     <out>/warped-landmarks/<pair_id>.csv   the source landmarks warped into the target frame (,X,Y)
     <out>/export.json                what was exported, from which run, how time was counted
 
@@ -29,6 +30,10 @@ from bench.store import safe_name, warped_path
 RESULTS_NAME = "registration-results.csv"
 COL_WARPED = "Warped source landmarks"
 COL_TIME = "Execution time [minutes]"
+# not ANHIR's: the method's own verdict, so a failure scored with its fallback landmarks stays a failure when
+# the submission is imported again (BIRL's evaluator ignores columns it does not know)
+COL_STATUS = "Method status"
+COL_ERROR = "Method error"
 
 
 def _pair_table(run: Run) -> tuple[pd.DataFrame, list[str]] | None:
@@ -43,7 +48,8 @@ def _pair_table(run: Run) -> tuple[pd.DataFrame, list[str]] | None:
         ids = [v.strip() for v in table[""]]
     else:
         ids = [str(i) for i in range(len(table))]
-    return table.drop(columns=[c for c in (COL_WARPED, COL_TIME) if c in table.columns]), ids
+    extra = (COL_WARPED, COL_TIME, COL_STATUS, COL_ERROR)
+    return table.drop(columns=[c for c in extra if c in table.columns]), ids
 
 
 def _table_from_results(rows: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
@@ -84,12 +90,14 @@ def export_anhir(run_dir: str | Path, method: str, out_dir: str | Path | None = 
     found = _pair_table(run)
     table, ids = found if found is not None else _table_from_results(rows)
     (out / WARPED).mkdir(parents=True, exist_ok=True)
-    warped_col, time_col, missing = [], [], []
+    warped_col, time_col, status_col, error_col, missing = [], [], [], [], []
     for pid in ids:
         src = warped_path(run.path, method, pid)
         if pid not in rows.index or not src.is_file():
             warped_col.append("")
             time_col.append("")
+            status_col.append(str(rows.loc[pid, "status"]) if pid in rows.index else "")
+            error_col.append(str(rows.loc[pid, "error"]) if pid in rows.index else "not in the run")
             missing.append(pid)
             continue
         rel = f"{WARPED}/{safe_name(pid)}.csv"
@@ -97,8 +105,12 @@ def export_anhir(run_dir: str | Path, method: str, out_dir: str | Path | None = 
         warped_col.append(rel)
         minutes = _minutes(rows.loc[pid], include_preprocess)
         time_col.append(repr(minutes) if math.isfinite(minutes) else "")
+        status_col.append(str(rows.loc[pid, "status"]))
+        error_col.append(str(rows.loc[pid, "error"]))
     table[COL_WARPED] = warped_col
     table[COL_TIME] = time_col
+    table[COL_STATUS] = status_col
+    table[COL_ERROR] = error_col
     table.to_csv(out / RESULTS_NAME, index=False)
     info = {
         "run": str(run.path),

@@ -18,7 +18,8 @@ per pair of the submission to the run folder:
 * ``time_s`` is the table's minutes x 60 with ``time_source = reported`` (reported by the tool, not measured
   by the harness); no matrix, no preprocessing time, no ``quality`` (the images are not re-aligned here);
 * a missing, empty or malformed warped landmark file, or a blank cell, makes a ``failed`` row with a one-line
-  message, as for any bad input; a pair of the run that the table lacks gets a ``failed`` row too, so a tool
+  message, as for any bad input; an optional ``Method status`` column (written by ``export-anhir``) saying
+  ``failed`` or ``timeout`` keeps that verdict (the row is scored with the landmarks given, as a fallback); a pair of the run that the table lacks gets a ``failed`` row too, so a tool
   that skipped hard pairs is not flattered;
 * the warped landmarks are stored like the run's own; ``run.json`` records the import under ``methods``
   (version ``imported``, the table's path and SHA-256) and in ``imports``.
@@ -55,7 +56,7 @@ from bench.datasets.anhir import (
     load_table,
     read_landmarks,
 )
-from bench.report.export import COL_TIME, COL_WARPED
+from bench.report.export import COL_ERROR, COL_STATUS, COL_TIME, COL_WARPED
 from bench.report.load import DEFAULT_THRESHOLD, ReportError, load_run
 from bench.schema import TIME_REPORTED
 from bench.store import FolderInUse, ResultStore, StoreError, warped_path
@@ -176,9 +177,11 @@ def _row(pair: Pair, method: str, info: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _score_row(pair: Pair, method: str, cell: str, minutes: str, table: Path, line: int,
-               threshold: float) -> tuple[dict[str, Any], np.ndarray | None]:  # fmt: skip
-    """One result row (and the warped points to store) for one pair of the submission."""
+def _score_row(pair: Pair, method: str, cell: str, minutes: str, table: Path, line: int, threshold: float,
+               verdict: tuple[str, str] = ("", "")) -> tuple[dict[str, Any], np.ndarray | None]:  # fmt: skip
+    """One result row (and the warped points to store) for one pair of the submission. ``verdict``: the
+    tool's own (status, error) when the table has a ``Method status`` column: a ``failed`` or ``timeout``
+    there keeps the row failed, scored with the landmarks given (as the runner scores a fallback)."""
     seconds, time_note = _minutes(minutes)
     info: dict[str, Any] = {"imported_from": str(table), "table_line": line, "reported_minutes": minutes}
     if time_note:
@@ -222,6 +225,10 @@ def _score_row(pair: Pair, method: str, cell: str, minutes: str, table: Path, li
     scores = metrics.score_pair(warped, src, tgt, diagonal, threshold)
     row.update(scores)
     row["success"] = bool(scores["success"])
+    status, error = verdict
+    if status.strip().lower() in ("failed", "timeout"):
+        row.update(status=status.strip().lower(), success=False, fallback=True,
+                   error=f"reported by the tool: {error.strip() or status}")  # fmt: skip
     return row, warped
 
 
@@ -268,10 +275,13 @@ def import_anhir(run_dir: str | Path, method: str, table: str | Path, replace: b
                           f"(it has {len(pairs)} pairs)")  # fmt: skip
     _check_same_pairs(sub, ids, _raw_table(ds_path), table)
     threshold = float(run.manifest.get("success_threshold", DEFAULT_THRESHOLD))
-    times = sub[COL_TIME] if COL_TIME in sub.columns else pd.Series([""] * len(sub))
+    blank = pd.Series([""] * len(sub), index=sub.index)
+    times = sub[COL_TIME] if COL_TIME in sub.columns else blank
+    verdicts = zip(sub[COL_STATUS] if COL_STATUS in sub.columns else blank,
+                   sub[COL_ERROR] if COL_ERROR in sub.columns else blank, strict=True)  # fmt: skip
     rows, warped = [], {}
-    for n, (pid, cell, minutes) in enumerate(zip(ids, sub[COL_WARPED], times, strict=True)):
-        row, pts = _score_row(pairs[pid], method, cell, minutes, table, n + 2, threshold)
+    for n, (pid, cell, minutes, verdict) in enumerate(zip(ids, sub[COL_WARPED], times, verdicts, strict=True)):
+        row, pts = _score_row(pairs[pid], method, cell, minutes, table, n + 2, threshold, verdict)
         rows.append(row)
         if pts is not None:
             warped[pid] = pts
