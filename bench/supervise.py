@@ -42,6 +42,7 @@ from bench.schema import CRASHED, Status
 from bench.work import PairResult, failed_rows
 
 GRACE_S = 2.0  # the parent kills a call this long (plus 10 %) after its limit, when SIGALRM did not stop it
+TAIL_PAIRS = 2  # with N workers, the last TAIL_PAIRS * N pairs are split into one task per method
 Work = Callable[[PairTask, Callable[[str, dict[str, Any]], None]], Any]
 
 
@@ -202,13 +203,42 @@ class Supervisor:
     """Run tasks on supervised workers; iterate for results (one :class:`PairResult` per row)."""
 
     def __init__(self, tasks: list[PairTask], workers: int, work: Work, threads: int | None = None) -> None:
+        tasks = list(tasks)
+        if workers > 1:  # the last pairs one method per task, so the workers finish together
+            tail = len(tasks) - TAIL_PAIRS * workers
+            tasks = tasks[:max(0, tail)] + [replace(t, methods=(m,)) for t in tasks[max(0, tail):] for m in t.methods]
         self.queue = deque(tasks)
-        self.outstanding = {t.pair.pair_id: len(t.methods) for t in tasks}
+        self.outstanding: dict[str, int] = {}
+        for t in tasks:
+            self.outstanding[t.pair.pair_id] = self.outstanding.get(t.pair.pair_id, 0) + len(t.methods)
+        self.cost: dict[str, list[float]] = {}  # method -> [seconds, calls] seen so far
         ctx = mp.get_context("spawn")
         self.workers = [_Worker(ctx, work, threads) for _ in range(max(1, min(workers, len(tasks))))] if tasks else []
 
+    def _next(self) -> PairTask:
+        """The queued task expected to take longest (methods not seen yet first; ties: the first queued), so
+        long calls start early and short ones fill the end."""
+        if len(self.queue) == 1 or not self.cost:
+            return self.queue.popleft()
+
+        def expected(task: PairTask) -> float:
+            total = 0.0
+            for m in task.methods:
+                seconds, calls = self.cost.get(m.name, (0.0, 0))
+                total += seconds / calls if calls else float("inf")
+            return total
+
+        best = max(range(len(self.queue)), key=lambda i: (expected(self.queue[i]), -i))
+        task = self.queue[best]
+        del self.queue[best]
+        return task
+
     def _result(self, row: dict[str, Any], warped: Any) -> PairResult:
         pid = row["pair_id"]
+        if isinstance(row.get("time_s"), float):
+            entry = self.cost.setdefault(row["method"], [0.0, 0])
+            entry[0] += row["time_s"]
+            entry[1] += 1
         self.outstanding[pid] -= 1
         return PairResult([row], {row["method"]: warped} if warped is not None else {},
                           finished=self.outstanding[pid] <= 0)
@@ -253,8 +283,9 @@ class Supervisor:
             row, warped = failed_rows(task.pair, [spec], "", task.device)[0], None
         row.update(status=status, error=message, time_s=time.monotonic() - call.started, success=False,
                    fallback=True)
-        if call.phase == "warm-up":
-            row["error"] = f"first (warm-up) call: {row['error']}"
+        if call.phase == "warm-up":  # keep the CRASHED prefix first: it decides what a rerun retries
+            row["error"] = message.replace("the method call", "the first (warm-up) call") if message.startswith(
+                CRASHED) else f"first (warm-up) {message}"
         yield self._result(row, warped)
         rest = [s for s in rest if s.name != call.method]
         if rest:
@@ -265,7 +296,7 @@ class Supervisor:
             while self.queue or any(w.task is not None for w in self.workers):
                 for w in self.workers:
                     if w.task is None and self.queue:
-                        w.assign(self.queue.popleft())
+                        w.assign(self._next())
                 busy = [w for w in self.workers if w.task is not None]
                 deadlines = [d for d in (w.deadline for w in busy) if d is not None]
                 timeout = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None

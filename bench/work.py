@@ -4,8 +4,8 @@
 2. run the shared preprocessing once for the methods that use it (and the light stage once for those
    that do not), through the on-disk cache; check the table's size and diagonal and the landmarks against
    the images read from disk;
-3. for each method: ``estimate`` timed by the harness (warm-up call excluded; both calls bounded by the
-   time limit), checked (a finite, invertible matrix; JSON-serialisable diagnostics), composed into one
+3. for each method: ``estimate`` timed by the harness (the first call in a process is an untimed warm-up on
+   the pair at half size; both calls bounded by the time limit), checked (a finite, invertible matrix; JSON-serialisable diagnostics), composed into one
    matrix in original pixel coordinates, source landmarks warped by it, scored against the target landmarks.
 
 It never raises for a bad pair or a failing method. ``on_event`` (when given) hears about each method call
@@ -23,11 +23,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import cv2
 import numpy as np
 
 from bench import geometry, metrics, quality, registry
 from bench.datasets.anhir import LandmarkError, Pair, read_landmarks
-from bench.method import Context, Method, RegistrationFailed
+from bench.method import Context, ImageView, Method, RegistrationFailed
 from bench.plan import MethodSpec, PairTask
 from bench.preprocess import ImageLoadError, PreparedPair
 from bench.schema import CRASHED, TIME_MEASURED, Status
@@ -38,6 +39,7 @@ Event = Callable[[str, dict[str, Any]], None]
 
 SIZE_TOLERANCE = 0.02  # relative: the table's size and diagonal against the target image read from disk
 LANDMARK_MARGIN = 0.10  # landmarks may lie this share of a side beyond their image's edge, not further
+WARM_UP_MIN_SIDE = 64  # the warm-up runs on the pair at half size when that leaves at least this many pixels
 
 
 @dataclass
@@ -206,6 +208,38 @@ def run_pair(task: PairTask, on_event: Event | None = None) -> PairResult:
     return result
 
 
+def _half(view: ImageView) -> ImageView:
+    """``view`` at half its size (the warm-up's input)."""
+    h, w = view.shape
+    size = (max(1, w // 2), max(1, h // 2))
+
+    def mask(m):
+        return None if m is None else cv2.resize(m.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST) > 0
+
+    return ImageView(
+        image=cv2.resize(view.image, size, interpolation=cv2.INTER_AREA),
+        mask=mask(view.mask),
+        rgb=None if view.rgb is None else cv2.resize(view.rgb, size, interpolation=cv2.INTER_AREA),
+        valid=mask(view.valid),
+    )
+
+
+def _warm_up(method: Method, prepared: PreparedPair, ctx: Context) -> None:
+    """The untimed first call of a method in a process: on the pair at half size (a quarter of the pixels),
+    which loads what a first call loads (libraries, weights, thread pools) at a quarter of the cost of a
+    full call. Its answer is not used; an exception is ignored (the timed call will show it again), except
+    a timeout or a crash, which are the call's."""
+    fixed, moving = prepared.fixed, prepared.moving
+    if min(*fixed.shape, *moving.shape) >= 2 * WARM_UP_MIN_SIDE:
+        fixed, moving = _half(fixed), _half(moving)
+    try:
+        method.estimate(fixed, moving, ctx)
+    except CallTimeout:
+        raise
+    except Exception:  # noqa: BLE001, S110 - the warm-up's answer is not used
+        pass
+
+
 def _run_method(
     task: PairTask,
     spec: MethodSpec,
@@ -251,7 +285,7 @@ def _run_method(
         if key not in _WARM:  # warm-up call, excluded from timing, bounded like the timed one
             phase = "warm-up"
             emit("call", {"method": spec.name, "phase": phase, "limit": task.timeout_s, "fallback": fallback})
-            timed(call, device=device, limit_s=task.timeout_s)
+            timed(lambda: _warm_up(method, prepared, ctx), device=device, limit_s=task.timeout_s)
             _WARM.add(key)
             t0, c0 = time.perf_counter(), time.process_time()
             phase = "timed"
