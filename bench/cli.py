@@ -364,8 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_train(args: argparse.Namespace) -> int:
     if getattr(args, "_train_error", None):
-        console.print(f"[red]error:[/] training needs torch: {args._train_error}")
-        return 2
+        return fail(f"training needs torch: {args._train_error}")
     from bench.learning import train
 
     return int(train.run(args) or 0)
@@ -375,7 +374,7 @@ def cmd_make_large(args: argparse.Namespace) -> int:
     from bench.largescale import write_large_pair
 
     for fmt, table in write_large_pair(args.folder, long_side=args.long_side).items():
-        console.print(f"{fmt}: {table}")
+        say(f"{fmt}: {table}")
     return 0
 
 

@@ -17,6 +17,7 @@ call ends, so an interrupt keeps every finished row.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -138,10 +139,18 @@ def run(config: RunConfig | Plan, progress: Callable[[PairResult, int, int], Non
     try:
         with store.lock("bench run"):
             return _run_locked(plan, store, progress)
-    except FolderInUse as exc:
+    except (FolderInUse, StoreError) as exc:
         raise RunError(str(exc)) from None
-    except StoreError as exc:
-        raise RunError(str(exc)) from None
+    except KeyboardInterrupt:
+        raise RunInterrupted(plan.out, _stored(store)) from None
+
+
+def _stored(store: ResultStore) -> int:
+    """Rows in the folder (for the interrupt message; never raises)."""
+    try:
+        return len(store.rows())
+    except (OSError, StoreError):
+        return 0
 
 
 def _run_locked(plan: Plan, store: ResultStore, progress: Callable | None) -> RunSummary:
@@ -153,7 +162,6 @@ def _run_locked(plan: Plan, store: ResultStore, progress: Callable | None) -> Ru
     retry = _to_retry(rows, wanted, plan.config.retry_failed)
     retried = store.drop(retry) if retry else 0
     done = {(r["pair_id"], r["method"]) for r in rows} - retry
-    stored = len(rows) - retried
     if old:  # keep the record of earlier methods in this folder, refresh the rest
         manifest["methods"] = {**old.get("methods", {}), **manifest["methods"]}
         manifest["created"] = old.get("created", manifest["created"])
@@ -174,26 +182,29 @@ def _run_locked(plan: Plan, store: ResultStore, progress: Callable | None) -> Ru
     summary = RunSummary(plan.out, len(plan.pairs), plan.method_names, plan.skipped, 0, already, {},
                          retried=retried)
     finished = 0
-    try:
-        for res in execute(tasks, plan.workers, run_pair):
-            for method, pts in res.warped.items():
-                store.write_warped(method, res.rows[0]["pair_id"], pts)
-            store.append(res.rows)
-            summary.written += len(res.rows)
-            for r in res.rows:
-                summary.counts[r["status"]] = summary.counts.get(r["status"], 0) + 1
-                if not Status(r["status"]).scored_by_method:
-                    entry = summary.problems.setdefault((r["method"], r["status"]), [0, r.get("error") or ""])
-                    entry[0] += 1
+    with contextlib.closing(execute(tasks, plan.workers, run_pair)) as results:  # closing: workers end here
+        for res in results:
+            _store_result(res, store, summary)
             if res.finished:
                 finished += 1
                 if progress:
                     progress(res, finished, len(tasks))
-    except KeyboardInterrupt:
-        raise RunInterrupted(plan.out, stored + summary.written) from None
     manifest["peak_rss_mb"] = provenance.peak_rss_mb()
     store.write_manifest(manifest)
     return summary
+
+
+def _store_result(res: PairResult, store: ResultStore, summary: RunSummary) -> None:
+    """Write one result (warped landmarks first, then the rows) and count it."""
+    for method, pts in res.warped.items():
+        store.write_warped(method, res.rows[0]["pair_id"], pts)
+    store.append(res.rows)
+    summary.written += len(res.rows)
+    for r in res.rows:
+        summary.counts[r["status"]] = summary.counts.get(r["status"], 0) + 1
+        if not Status(r["status"]).scored_by_method:
+            entry = summary.problems.setdefault((r["method"], r["status"]), [0, r.get("error") or ""])
+            entry[0] += 1
 
 
 __all__ = ["MethodSpec", "PairTask", "Plan", "RunConfig", "RunError", "RunInterrupted", "RunSummary",

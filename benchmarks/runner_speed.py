@@ -1,0 +1,102 @@
+"""The runner's cost and its parallel speed-up, old against new, measured interleaved in one session.
+
+Builds two source trees outside the repository (``git archive``): NEW is ``--new`` (default HEAD); OLD is the
+same tree with only the runner's files taken from ``--old`` (default f94ab8b, the last commit before the
+supervised runner), so both run the very same methods, preprocessing and scoring and only the harness
+differs. Then runs, alternating OLD and NEW, ``python -m bench run --methods all --no-cache`` on the embedded
+sample with ``--workers 1`` and ``--workers 2``, ``--rounds`` times each, and prints the wall times, the
+ratios new/old (the supervision's cost), the 2-vs-1 speed-ups, and whether the rows of 1 and 2 workers are
+identical (status, matrix, rTRE, for every (pair, method)).
+
+    python benchmarks/runner_speed.py --rounds 2 --work /tmp/runner-speed
+
+Run it on an otherwise idle machine: every figure is a wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tarfile
+import time
+from io import BytesIO
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+# the harness files the supervised runner replaced or added (the old tree gets the old ones, and none of the new)
+OLD_FILES = ["bench/runner.py", "bench/store.py", "bench/distributed.py", "bench/cli.py", "bench/timing.py",
+             "bench/schema.py"]
+NEW_ONLY = ["bench/plan.py", "bench/work.py", "bench/supervise.py", "bench/executors.py", "bench/provenance.py"]
+
+
+def _archive(ref: str, dest: Path) -> None:
+    data = subprocess.run(["git", "-C", str(REPO), "archive", ref], check=True, capture_output=True).stdout
+    with tarfile.open(fileobj=BytesIO(data)) as tar:
+        tar.extractall(dest, filter="data")
+    for pkg in ("methods", "datasets"):  # installed as bench.methods / bench.datasets
+        link = dest / "bench" / pkg
+        if not link.exists():
+            link.symlink_to(Path("..") / pkg)
+
+
+def build(work: Path, old: str, new: str) -> dict[str, Path]:
+    trees = {"old": work / "old-tree", "new": work / "new-tree"}
+    for t in trees.values():
+        shutil.rmtree(t, ignore_errors=True)
+    _archive(new, trees["new"])
+    _archive(new, trees["old"])
+    for f in NEW_ONLY:
+        (trees["old"] / f).unlink(missing_ok=True)
+    for f in OLD_FILES:
+        text = subprocess.run(["git", "-C", str(REPO), "show", f"{old}:{f}"], check=True, capture_output=True).stdout
+        (trees["old"] / f).write_bytes(text)
+    return trees
+
+
+def run_once(tree: Path, out: Path, workers: int) -> float:
+    shutil.rmtree(out, ignore_errors=True)
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    cmd = [sys.executable, "-m", "bench", "run", "--methods", "all", "--no-cache", "--out", str(out),
+           "--workers", str(workers)]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, cwd=tree, env=env, check=True, capture_output=True)
+    return time.perf_counter() - t0
+
+
+def rows(out: Path) -> dict[tuple[str, str], tuple[str, str, str]]:
+    with (out / "results.csv").open(newline="") as fh:
+        return {(r["pair_id"], r["method"]): (r["status"], r["matrix"], r["rtre_median"]) for r in csv.DictReader(fh)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--old", default="f94ab8b")
+    ap.add_argument("--new", default="HEAD")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/runner-speed"))
+    args = ap.parse_args()
+    trees = build(args.work, args.old, args.new)
+    times: dict[tuple[str, int], list[float]] = {}
+    for r in range(args.rounds):
+        for workers in (1, 2):
+            order = ("old", "new") if r % 2 == 0 else ("new", "old")
+            for name in order:
+                t = run_once(trees[name], args.work / f"{name}-w{workers}", workers)
+                times.setdefault((name, workers), []).append(t)
+                print(f"round {r + 1}: {name} --workers {workers}: {t:.1f} s", flush=True)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    for workers in (1, 2):
+        print(f"--workers {workers}: old {med['old', workers]:.1f} s, new {med['new', workers]:.1f} s, "
+              f"new/old {med['new', workers] / med['old', workers]:.3f}")
+    for name in ("old", "new"):
+        same = rows(args.work / f"{name}-w1") == rows(args.work / f"{name}-w2")
+        print(f"{name}: 2 workers vs 1: {med[name, 1] / med[name, 2]:.2f}x, identical rows: {same}")
+
+
+if __name__ == "__main__":
+    main()
