@@ -177,21 +177,32 @@ class _Worker:
         return self.call.started + self.call.limit * 1.1 + GRACE_S
 
     def assign(self, task: PairTask) -> None:
+        for attempt in range(2):
+            if not self.proc.is_alive():  # died while idle (e.g. killed from outside): a fresh one
+                self.restart()
+            try:
+                self.conn.send(task)
+                break
+            except OSError:
+                if attempt:
+                    raise
+                self.restart()
         self.task, self.done, self.call = task, set(), None
-        self.conn.send(task)
 
     def stop(self, kill: bool) -> None:
-        if self.proc.is_alive():
-            if kill:
-                self.proc.kill()
-            else:
-                with contextlib.suppress(OSError):
-                    self.conn.send(None)
+        """End the process: at once (``kill``), or asked to finish (call :meth:`ask_to_stop` first)."""
+        if kill and self.proc.is_alive():
+            self.proc.kill()
         self.proc.join(0 if kill else 2)
         if self.proc.is_alive():
             self.proc.kill()
             self.proc.join(2)
         self.conn.close()
+
+    def ask_to_stop(self) -> None:
+        if self.proc.is_alive():
+            with contextlib.suppress(OSError):
+                self.conn.send(None)
 
     def restart(self) -> None:
         self.stop(kill=True)
@@ -320,6 +331,9 @@ class Supervisor:
             self.close(kill=sys.exc_info()[0] is not None)
 
     def close(self, kill: bool = True) -> None:
+        if not kill:
+            for w in self.workers:
+                w.ask_to_stop()
         for w in self.workers:
             w.stop(kill=kill)
         self.workers = []

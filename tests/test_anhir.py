@@ -86,3 +86,13 @@ def test_warped_landmarks_may_be_negative(tmp_path: Path):
     with pytest.raises(LandmarkError, match="negative"):
         read_landmarks(f)
     np.testing.assert_array_equal(read_landmarks(f, allow_negative=True), [[-3.0, 4.0]])
+
+
+def test_bom_encoded_files_read_right(tmp_path: Path, tiny_table: Path):
+    """Spreadsheet programs save CSV with a UTF-8 byte-order mark: it must not become part of a cell."""
+    text = tiny_table.read_text().replace("\n0,", "\n100,").replace("\n1,", "\n101,")
+    tiny_table.write_bytes("\ufeff".encode() + text.encode())
+    assert [p.pair_id for p in load_table(tiny_table)] == ["100", "101", "2"]
+    f = tmp_path / "bom.csv"
+    f.write_bytes("\ufeff,X,Y\n1,2.5,3\n".encode())
+    np.testing.assert_array_equal(read_landmarks(f), [[2.5, 3.0]])
