@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -58,14 +59,18 @@ def build(work: Path, old: str, new: str) -> dict[str, Path]:
     return trees
 
 
-def run_once(tree: Path, out: Path, workers: int) -> float:
+def run_once(tree: Path, out: Path, workers: int, limit: int | None) -> tuple[float, float]:
+    """Wall seconds, and CPU seconds of the whole process tree (user + system, every process waited for)."""
     shutil.rmtree(out, ignore_errors=True)
     env = {**os.environ, "PYTHONPATH": str(tree)}
     cmd = [sys.executable, "-m", "bench", "run", "--methods", "all", "--no-cache", "--out", str(out),
-           "--workers", str(workers)]
+           "--workers", str(workers), *(["--limit", str(limit)] if limit else [])]
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     subprocess.run(cmd, cwd=tree, env=env, check=True, capture_output=True)
-    return time.perf_counter() - t0
+    wall = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
 
 
 def rows(out: Path) -> dict[tuple[str, str], tuple[str, str, str]]:
@@ -79,20 +84,28 @@ def main() -> None:
     ap.add_argument("--new", default="HEAD")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--work", type=Path, default=Path("/tmp/runner-speed"))
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--limit", type=int, help="only the first N pairs (a quick look; the check uses all 24)")
     args = ap.parse_args()
     trees = build(args.work, args.old, args.new)
     times: dict[tuple[str, int], list[float]] = {}
+    cpu: dict[tuple[str, int], list[float]] = {}
     for r in range(args.rounds):
-        for workers in (1, 2):
+        for workers in args.workers:
             order = ("old", "new") if r % 2 == 0 else ("new", "old")
             for name in order:
-                t = run_once(trees[name], args.work / f"{name}-w{workers}", workers)
+                t, c = run_once(trees[name], args.work / f"{name}-w{workers}", workers, args.limit)
                 times.setdefault((name, workers), []).append(t)
-                print(f"round {r + 1}: {name} --workers {workers}: {t:.1f} s", flush=True)
+                cpu.setdefault((name, workers), []).append(c)
+                print(f"round {r + 1}: {name} --workers {workers}: {t:.1f} s wall, {c:.1f} s CPU", flush=True)
     med = {k: statistics.median(v) for k, v in times.items()}
-    for workers in (1, 2):
+    mcpu = {k: statistics.median(v) for k, v in cpu.items()}
+    for workers in args.workers:
         print(f"--workers {workers}: old {med['old', workers]:.1f} s, new {med['new', workers]:.1f} s, "
-              f"new/old {med['new', workers] / med['old', workers]:.3f}")
+              f"new/old {med['new', workers] / med['old', workers]:.3f} (CPU: old {mcpu['old', workers]:.1f} s, "
+              f"new {mcpu['new', workers]:.1f} s, new/old {mcpu['new', workers] / mcpu['old', workers]:.3f})")
+    if set(args.workers) != {1, 2}:
+        return
     for name in ("old", "new"):
         same = rows(args.work / f"{name}-w1") == rows(args.work / f"{name}-w2")
         print(f"{name}: 2 workers vs 1: {med[name, 1] / med[name, 2]:.2f}x, identical rows: {same}")
