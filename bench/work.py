@@ -138,6 +138,10 @@ def check_inputs(pair: Pair, prepared: PreparedPair, src: np.ndarray | None, tgt
     return None
 
 
+class _BadAnswer(Exception):
+    """The method returned, but its answer is unusable (singular or non-finite matrix, diagnostics not JSON)."""
+
+
 def _matrix_problem(m: np.ndarray) -> str | None:
     if m.shape != (3, 3) or not np.all(np.isfinite(m)):
         return "the method returned a non-finite matrix"
@@ -303,10 +307,12 @@ def _run_method(
             problem = problem or f"the method returned diagnostics that are not JSON-serialisable: {exc}"
             diagnostics = {}
         if problem:
-            raise RegistrationFailed(problem)
+            raise _BadAnswer(problem)
         row_quality = quality.alignment_quality(prepared.fixed, prepared.moving, working)
     except CallTimeout as exc:
         status, error = Status.TIMEOUT.value, ("first (warm-up) " if phase == "warm-up" else "") + str(exc)
+    except _BadAnswer as exc:
+        status, error = Status.FAILED.value, str(exc)
     except RegistrationFailed as exc:
         status, error = Status.FAILED.value, f"method reported failure: {exc}"
     except SystemExit as exc:  # a method must not end the process: recorded as a crash (retried on rerun)
