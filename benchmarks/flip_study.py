@@ -15,11 +15,17 @@ Sets (``N`` base pairs each, generator ``bench.datasets.synthetic``, stains diff
   any rotation, scale 0.85-1.2, shear <= 0.08, gamma 0.8-1.25, on a canvas of its border colour;
 * ``fov/mirrored``: the same, the source mirrored before it is moved.
 
-usage::
+usage (the documented sets: A = ``make OUT 32 31``, B = ``make OUT 48 32``)::
 
     python benchmarks/flip_study.py make OUT [N=32] [SEED=31]      # write the four tables
-    python benchmarks/flip_study.py measure OUT/whole/plain/dataset.csv ... > rows.jsonl
-    python benchmarks/flip_study.py analyse rows.jsonl            # margins, separations, decisions
+    python benchmarks/flip_study.py measure OUT/{whole,fov}/{plain,mirrored}/dataset.csv > rows.jsonl
+    python benchmarks/flip_study.py analyse rows.jsonl            # separations, decision rules, outcomes
+
+``measure`` prints one JSON line per pair: for each mirror state (``flipped``, ``unflipped``) its NCC,
+angle, the stage's rTRE if that state were chosen and the texture MI at four (size, sigma) settings, plus
+the stage's own decision with the default parameters. ``analyse`` prints, per measure, how the two states'
+difference separates mirrored from unmirrored pairs, the errors of a grid of decision rules, and per set
+how often the right state aligns and the decision picks it.
 """
 
 from __future__ import annotations
