@@ -196,7 +196,8 @@ def _quality_html(t, figs, q_threshold: float, q_source: str, out: Path, th: dic
         "<em>likely failed</em>.</p>"
     )
     fig = page.figure(figs["quality_roc"]["png"], "ROC of quality as a predictor of success, per method and "
-                      "overall; circle: the likely-failed threshold.", _figure_links(figs["quality_roc"], out))  # fmt: skip
+                      "overall (a method whose rated rows all succeeded, or all failed, has no curve); circle: the "
+                      "likely-failed threshold.", _figure_links(figs["quality_roc"], out))  # fmt: skip
     lf = t["likely_failed"]
     lf_text = (
         f"<p>{len(lf)} row(s), scored or not, have a quality below {q_threshold:g}: this is the list a user of "
