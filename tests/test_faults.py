@@ -431,3 +431,12 @@ def test_warped_points_match_the_safe_path(tiny_table, tmp_path):
     _run(tiny_table, out, "identity", limit=1)
     pts = np.loadtxt(warped_path(out, "identity", "0"), delimiter=",", skiprows=1)[:, 1:]
     assert pts.shape[1] == 2
+
+
+def test_retry_failed_runs_reported_failures_again(tiny_table, tmp_path, faulty):
+    out = tmp_path / "run"
+    _run(tiny_table, out, "fault-zero,identity", plugins=faulty, limit=1)
+    assert _run(tiny_table, out, "fault-zero,identity", plugins=faulty, limit=1).retried == 0
+    again = _run(tiny_table, out, "fault-zero,identity", plugins=faulty, limit=1, retry_failed=True)
+    assert again.retried == 1 and again.written == 1
+    assert sorted(_keys(_rows(out))) == [("0", "fault-zero"), ("0", "identity")]
