@@ -568,6 +568,14 @@ def test_auc_is_the_mann_whitney_statistic_and_the_area_under_the_roc():
     assert math.isnan(reliability.auc(q[y], y[y]))  # one class only
 
 
+def test_likely_failed_threshold_comes_from_the_quality_module(monkeypatch):
+    monkeypatch.setattr(bench_quality, "LIKELY_FAILED_BELOW", 1.7, raising=False)
+    assert reliability.likely_failed_below() == (1.7, "bench.quality.LIKELY_FAILED_BELOW")
+    monkeypatch.delattr(bench_quality, "LIKELY_FAILED_BELOW")
+    value, source = reliability.likely_failed_below()
+    assert value == reliability.FALLBACK_LIKELY_FAILED_BELOW and "fallback" in source
+
+
 def test_quality_tables_against_results_csv(report, run_dir):
     res = pd.read_csv(run_dir / "results.csv", dtype={"pair_id": str})
     threshold, _ = reliability.likely_failed_below()
