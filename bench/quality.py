@@ -153,15 +153,182 @@ def alignment_evidence(
     return {"mi": mi, "mi_shifted": mi_shifted, "contrast": mi / mi_shifted if mi_shifted > 0 else 0.0}
 
 
-def alignment_quality(fixed, moving, matrix: np.ndarray, sigma: float = 4.0) -> float:
-    """The harness's landmark-free quality of an alignment of ``moving`` onto ``fixed`` (two
-    :class:`bench.method.ImageView` in the working frame; ``matrix`` moving -> fixed working pixels):
-    the band-pass mutual-information contrast of :func:`alignment_evidence` (0 when the common tissue is too
-    small; about 1 when the images share nothing; higher = better aligned)."""
+# ---------------------------------------------------------------------------------------------
+# the harness's quality score (docs/quality.md); constants chosen on generated pairs only
+# (benchmarks/quality_auc.py generated)
+
+QUALITY_SIZE = 256  # the score works on both images shrunk so the fixed one's longer side is this, px
+QUALITY_SCALES = (1.0, 2.0, 4.0)  # band-pass sigmas at that size, px (about 0.3 %, 0.6 %, 1.2 % of the diagonal)
+QUALITY_SHIFT = 0.05  # the alignment is compared with itself moved by this fraction of the diagonal
+QUALITY_TURN = 0.0  # ... and turned by this many degrees about the common tissue's centre (0 = not)
+QUALITY_BINS = 16
+QUALITY_SAMPLES = 20_000
+
+
+def _shrink_matrix(factor: float) -> np.ndarray:
+    """Pixel-centre resampling by ``factor``: ``x -> (x + 0.5) factor - 0.5``."""
+    return np.array([[factor, 0.0, 0.5 * factor - 0.5], [0.0, factor, 0.5 * factor - 0.5], [0.0, 0.0, 1.0]])
+
+
+def _masked_band_pass(image: np.ndarray, mask: np.ndarray, sigma: float) -> np.ndarray:
+    """Difference of Gaussians (``sigma`` minus ``2 sigma``) of the tissue only, by normalised convolution
+    (each blur divided by the blurred mask), so the tissue outline makes no edge; 0 outside ``mask``."""
+    m = mask.astype(np.float32)
+    img = image.astype(np.float32) * m
+
+    def blur(s: float) -> np.ndarray:
+        return cv2.GaussianBlur(img, (0, 0), s) / np.maximum(cv2.GaussianBlur(m, (0, 0), s), 1e-3)
+
+    return (blur(sigma) - blur(2 * sigma)) * m
+
+
+def quality_terms(fixed: Any, moving: Any, matrix: np.ndarray, *, size: int = QUALITY_SIZE,
+                  scales: tuple[float, ...] = QUALITY_SCALES, shift: float = QUALITY_SHIFT,
+                  turn: float = QUALITY_TURN, bins: int = QUALITY_BINS,
+                  max_samples: int = QUALITY_SAMPLES) -> dict[str, float]:
+    """The parts of :func:`alignment_quality`: ``overlap`` and one ``contrast_<sigma>`` per band-pass scale.
+
+    Both views are shrunk so the fixed image's longer side is ``size`` px (the score is a property of the
+    alignment, not of the working resolution), the moving one warped by ``matrix``. ``overlap`` is the common
+    tissue over the smaller of the two tissue areas. For each ``sigma`` in ``scales`` both images are
+    band-passed inside their own tissue (:func:`_masked_band_pass`) and the mutual information of the two
+    (rank-binned: any stain relation counts) is measured inside the common tissue, then again with the
+    warped image moved by ``shift`` x the diagonal in 8 directions (and turned by ``+-turn`` degrees): the
+    contrast is the MI at the alignment over the largest MI of those moved copies. All 0 when the matrix is
+    not finite and invertible or the common tissue is too small.
+    """
+    out = {"overlap": 0.0, **{f"contrast_{s:g}": 0.0 for s in scales}}
     m = np.asarray(matrix, dtype=np.float64)
-    if m.shape[0] == 2:
+    if m.shape == (2, 3):
         m = np.vstack([m, [0.0, 0.0, 1.0]])
-    if not np.all(np.isfinite(m)) or abs(np.linalg.det(m[:2, :2])) < 1e-12:
+    if m.shape != (3, 3) or not np.all(np.isfinite(m)) or abs(np.linalg.det(m[:2, :2])) < 1e-12:
+        return out
+    factor = min(1.0, size / max(fixed.image.shape))
+    r = _shrink_matrix(factor)
+
+    def shrink(a: np.ndarray, interp: int) -> np.ndarray:
+        h, w = a.shape
+        return cv2.resize(a.astype(np.float32), (max(1, round(w * factor)), max(1, round(h * factor))),
+                          interpolation=interp)
+
+    f_img, f_mask = shrink(fixed.image, cv2.INTER_AREA), shrink(fixed.mask, cv2.INTER_AREA) > 0.5
+    m_img, m_mask = shrink(moving.image, cv2.INTER_AREA), shrink(moving.mask, cv2.INTER_AREA) > 0.5
+    h, w = f_img.shape
+    m2 = (r @ m @ np.linalg.inv(r))[:2]
+    w_img = cv2.warpAffine(m_img, m2, (w, h), flags=cv2.INTER_LINEAR)
+    w_mask = cv2.warpAffine(m_mask.view(np.uint8), m2, (w, h), flags=cv2.INTER_NEAREST) > 0
+    both = f_mask & w_mask
+    smaller = min(int(f_mask.sum()), int(w_mask.sum()))
+    if smaller == 0:
+        return out
+    out["overlap"] = float(both.sum() / smaller)
+    ys, xs = np.nonzero(cv2.erode(both.view(np.uint8), np.ones((5, 5), np.uint8)))
+    if len(ys) < 200:
+        return out
+    step = max(1, len(ys) // max_samples)
+    ys, xs = ys[::step], xs[::step]
+    d = shift * float(np.hypot(h, w))
+    moves = [(dx * d, dy * d, 0.0) for dx in (-1, 0, 1) for dy in (-1, 0, 1) if dx or dy]
+    moves += [(0.0, 0.0, t) for t in ((-turn, turn) if turn else ())]
+    cx, cy = xs.mean(), ys.mean()
+    where = []  # each moved copy: the sample positions in the warped image and which of them are tissue
+    for dx, dy, t in moves:
+        c, sn = np.cos(np.radians(t)), np.sin(np.radians(t))
+        xi = np.rint(cx + c * (xs - cx) - sn * (ys - cy) + dx).astype(int)
+        yi = np.rint(cy + sn * (xs - cx) + c * (ys - cy) + dy).astype(int)
+        ok = (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h)
+        ok[ok] = w_mask[yi[ok], xi[ok]]
+        if ok.sum() >= 200:
+            where.append((xi, yi, ok))
+    for sigma in scales:
+        fb = _masked_band_pass(f_img, f_mask, sigma)[ys, xs]
+        wb = _masked_band_pass(w_img, w_mask, sigma)
+        qa = _rank_bins(fb, bins)
+        edges = np.quantile(wb[ys, xs], np.linspace(0, 1, bins + 1)[1:-1])
+        mi = _binned_mi(qa, np.searchsorted(edges, wb[ys, xs]), bins)
+        moved = [_binned_mi(qa[ok], np.searchsorted(edges, wb[yi[ok], xi[ok]]), bins) for xi, yi, ok in where]
+        best = max(moved, default=0.0)
+        out[f"contrast_{sigma:g}"] = float(mi / best) if best > 0 else 0.0
+    return out
+
+
+def _rank_bins(v: np.ndarray, bins: int) -> np.ndarray:
+    """Equal-frequency bin index (0 .. bins - 1) of each value of a (N,) sample."""
+    return np.searchsorted(np.quantile(v, np.linspace(0, 1, bins + 1)[1:-1]), v)
+
+
+def _binned_mi(qa: np.ndarray, qb: np.ndarray, bins: int) -> float:
+    """Mutual information (nats) of two (N,) bin-index samples."""
+    joint = np.bincount(qa * bins + qb, minlength=bins * bins).reshape(bins, bins).astype(np.float64)
+    joint /= max(joint.sum(), 1.0)
+    pa, pb = joint.sum(1, keepdims=True), joint.sum(0, keepdims=True)
+    nz = joint > 0
+    return float((joint[nz] * np.log(joint[nz] / (pa @ pb)[nz])).sum())
+
+
+def alignment_quality(fixed: Any, moving: Any, matrix: np.ndarray) -> float:
+    """The harness's landmark-free quality of an alignment of ``moving`` onto ``fixed`` (two
+    :class:`bench.method.ImageView` in the working frame; ``matrix`` moving -> fixed working pixels).
+
+    The geometric mean over the band-pass scales of :func:`quality_terms`' contrasts (how many times more
+    information the aligned images share than the same images moved by 5 % of the diagonal), times the
+    overlap of the two tissues. 0 when nothing can be measured; about 1 or below when the alignment is no
+    better than its moved copies; higher = better aligned. Below :data:`LIKELY_FAILED_BELOW`: likely failed.
+    """
+    t = quality_terms(fixed, moving, matrix)
+    contrasts = [v for k, v in t.items() if k.startswith("contrast_")]
+    if min(contrasts) <= 0:
         return 0.0
-    ev = alignment_evidence(fixed.image, fixed.mask, moving.image, moving.mask, m, sigma)
-    return float(ev["contrast"])
+    return float(np.exp(np.mean(np.log(contrasts))) * t["overlap"])
+
+
+# ---------------------------------------------------------------------------------------------
+# how well the score predicts success (for reports and benchmarks/quality_auc.py)
+
+LIKELY_FAILED_BELOW = 1.0  # quality below this: "likely failed" (chosen on generated pairs, docs/quality.md)
+
+
+def roc_curve(scores, positive) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ROC curve of ``scores`` (higher = more likely positive) against boolean labels ``positive``.
+
+    Returns ``(false_positive_rate, true_positive_rate, thresholds)``, from (0, 0) to (1, 1): the point at
+    ``thresholds[i]`` counts the rows with ``score >= thresholds[i]`` as predicted positive. NaN scores are
+    dropped.
+
+    >>> fpr, tpr, th = roc_curve([0.1, 0.4, 0.35, 0.8], [False, False, True, True])
+    >>> fpr.tolist(), tpr.tolist()
+    ([0.0, 0.0, 0.5, 0.5, 1.0], [0.0, 0.5, 0.5, 1.0, 1.0])
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(positive, dtype=bool)
+    keep = np.isfinite(s)
+    s, y = s[keep], y[keep]
+    order = np.argsort(-s, kind="stable")
+    s, y = s[order], y[order]
+    last = np.r_[np.nonzero(np.diff(s))[0], len(s) - 1] if len(s) else np.array([], int)  # ties together
+    tp, fp = np.cumsum(y)[last], np.cumsum(~y)[last]
+    tpr = np.r_[0.0, tp / max(1, y.sum())]
+    fpr = np.r_[0.0, fp / max(1, (~y).sum())]
+    return fpr, tpr, np.r_[np.inf, s[last]]
+
+
+def roc_auc(scores, positive) -> float:
+    """Area under the ROC curve: the chance that a random positive scores above a random negative (ties
+    count half), i.e. the Mann-Whitney U statistic / (n_pos n_neg); NaN when either class is empty.
+
+    >>> roc_auc([0.1, 0.4, 0.35, 0.8], [False, False, True, True])
+    0.75
+    >>> roc_auc([1, 2], [True, True])
+    nan
+    """
+    from scipy.stats import rankdata
+
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(positive, dtype=bool)
+    keep = np.isfinite(s)
+    s, y = s[keep], y[keep]
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = rankdata(s)
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))

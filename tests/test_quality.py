@@ -94,3 +94,66 @@ def test_accept_passes_truth_and_refuses_degenerate_and_unrelated(pair, other):
     with pytest.raises(RegistrationFailed, match="shared structure"):
         quality.accept(fixed, other[1], np.eye(3), p)
     assert quality.accept(fixed, other[1], np.eye(3), quality.AcceptanceParams(min_evidence=0)) == {}
+
+
+# ---------------------------------------------------------------------------------------------
+# the harness's quality score
+
+
+def _wrong(truth: np.ndarray, fixed: ImageView) -> dict[str, np.ndarray]:
+    """Alignments well beyond the success threshold (0.035 of the diagonal): shifted, turned, mirrored."""
+    ys, xs = np.nonzero(fixed.mask)
+    c = (xs.mean(), ys.mean())
+    d = 0.1 * np.hypot(*fixed.shape)
+    mirror = geometry.translation(*c) @ geometry.scaling(-1.0, 1.0) @ geometry.translation(-c[0], -c[1])
+    return {"shifted": geometry.translation(d, 0) @ truth, "turned": geometry.rotation(25, c) @ truth,
+            "mirrored": mirror @ truth}
+
+
+@pytest.mark.parametrize("which", ["pair", "other"])
+def test_quality_ranks_the_right_alignment_first(which, request):
+    fixed, moving, truth = request.getfixturevalue(which)
+    good = quality.alignment_quality(fixed, moving, truth)
+    assert good >= quality.LIKELY_FAILED_BELOW, f"right alignment scored {good:.3f}"
+    for name, m in _wrong(truth, fixed).items():
+        bad = quality.alignment_quality(fixed, moving, m)
+        assert 0 <= bad < good, f"{name}: {bad:.3f} vs right {good:.3f}"
+        assert bad < quality.LIKELY_FAILED_BELOW, f"{name} scored {bad:.3f}"
+
+
+def test_quality_of_unrelated_tissue_and_degenerate_matrices(pair, other):
+    fixed, _, _ = pair
+    assert quality.alignment_quality(fixed, other[1], np.eye(3)) < quality.LIKELY_FAILED_BELOW
+    assert quality.alignment_quality(fixed, pair[1], np.zeros((3, 3))) == 0.0
+    assert quality.alignment_quality(fixed, pair[1], geometry.translation(5000, 0)) == 0.0  # no overlap
+    assert quality.alignment_quality(fixed, pair[1], np.full((2, 3), np.nan)) == 0.0
+
+
+def test_quality_is_a_property_of_the_alignment_not_the_frame(pair):
+    """The same alignment in a frame twice as large scores about the same (the score works at a fixed
+    analysis size)."""
+    fixed, moving, truth = pair
+
+    def up(v: ImageView) -> ImageView:
+        h, w = v.shape
+        return ImageView(cv2.resize(v.image, (2 * w, 2 * h), interpolation=cv2.INTER_LINEAR),
+                         cv2.resize(v.mask.astype(np.uint8), (2 * w, 2 * h), interpolation=cv2.INTER_NEAREST) > 0)
+
+    s = geometry.translation(0.5, 0.5) @ geometry.scaling(2.0) @ geometry.translation(-0.25, -0.25)
+    a = quality.alignment_quality(fixed, moving, truth)
+    b = quality.alignment_quality(up(fixed), up(moving), s @ truth @ np.linalg.inv(s))
+    assert abs(np.log(a / b)) < 0.25, (a, b)
+
+
+def test_roc_auc_is_the_pairwise_ranking_probability():
+    rng = np.random.default_rng(3)
+    scores = np.round(rng.normal(size=60), 1)  # ties included
+    labels = rng.random(60) < 0.4
+    pos, neg = scores[labels], scores[~labels]
+    brute = np.mean([(p > n) + 0.5 * (p == n) for p in pos for n in neg])
+    assert quality.roc_auc(scores, labels) == pytest.approx(brute)
+    fpr, tpr, _ = quality.roc_curve(scores, labels)
+    assert (fpr[0], tpr[0], fpr[-1], tpr[-1]) == (0.0, 0.0, 1.0, 1.0)
+    assert np.all(np.diff(fpr) >= 0) and np.all(np.diff(tpr) >= 0)
+    assert np.trapezoid(tpr, fpr) == pytest.approx(brute)  # the curve's area is the same number
+    assert quality.roc_auc([1.0, np.nan, 0.0], [True, True, False]) == 1.0  # NaN scores dropped

@@ -1,0 +1,200 @@
+"""How well the harness's landmark-free ``quality`` predicts success (docs/quality.md).
+
+Two uses:
+
+``python benchmarks/quality_auc.py runs DIR [DIR ...] [--methods a,b] [--offline]``
+    The ROC AUC of ``quality`` against ``success`` (median rTRE <= the run's threshold) per run folder, over
+    its ``ok`` rows (those that carry a quality), overall and per method, by the Mann-Whitney statistic
+    (:func:`bench.quality.roc_auc`); also the share of successes and failures below
+    ``bench.quality.LIKELY_FAILED_BELOW``. ``--offline`` recomputes the quality of every ``ok`` row from its
+    matrix with the current :func:`bench.quality.alignment_quality` (the pair is prepared again with the
+    run's preprocessing parameters), for runs written before a change of the score.
+
+``python benchmarks/quality_auc.py generated OUT [--pairs N] [--seed S]``
+    The generated design set the score and its threshold were chosen on (never real data): ``N`` generated
+    pairs written in the ANHIR layout under ``OUT`` (1024 px, elastic warp, any rotation, scale 0.85-1.2,
+    shear; the source's structure finer than 3 or 6 px replaced by another section's, as between real
+    consecutive cuts; a quarter of the sources mirrored: :class:`bench.datasets.synthetic.Variation`), prepared by the shared stage, and for each pair the candidate alignments
+    a quality score must rank: the truth, the preprocessing alone, the results of ``sift``, ``surf``,
+    ``iterative`` and ``learned``, and the truth disturbed by rotations, shifts and scalings of
+    increasing size (labelled by their landmark error, so successes and failures on both sides of the
+    threshold). Writes ``OUT/candidates.csv`` (one row per candidate: pair, kind, rTRE, success, quality,
+    the matrix) and prints the AUC overall and per kind of candidate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from bench.datasets.anhir import read_landmarks
+from bench.datasets.synthetic import (
+    TABLE_HEADER,
+    GeneratorConfig,
+    Variation,
+    dataset_plan,
+    generate_pair,
+    write_pair,
+)
+
+from bench import Context, RegistrationFailed, geometry, quality
+from bench.preprocess import PreprocessParams, prepare_pair
+
+SUCCESS = 0.035  # median rTRE at or below which a pair counts as aligned (the project's default)
+METHODS = ("sift", "surf", "iterative", "learned")
+
+
+# ---------------------------------------------------------------------------------------------
+# the generated design set
+
+
+def write_generated(folder: Path, n_pairs: int, seed: int) -> pd.DataFrame:
+    """Write the design pairs (ANHIR layout) and return their table plus each pair's true matrix."""
+    cfg = GeneratorConfig(size=1024, elastic_px=10.0, scale_range=(0.85, 1.2), max_shear=0.08)
+    rows = []
+    for k, (tissue, s, t, pair_seed) in enumerate(dataset_plan(n_pairs, seed)):
+        # consecutive cuts share the coarse structure, not the cells: the source's structure finer than 3 or
+        # 6 px (every other pair) comes from another section; a quarter of the sources are mirrored
+        variation = Variation(mirror_probability=0.25, texture_swap_sigma=3.0 if k % 2 else 6.0)
+        pair = generate_pair(pair_seed, tissue=tissue, source_stain=s, target_stain=t, config=cfg,
+                             variation=variation)
+        truth, p = pair.true_matrix, pair
+        paths = write_pair(folder, f"{tissue}_{k}", pair)
+        h, w = p.target_rgb.shape[:2]
+        rows.append([k, paths["Source image"], paths["Source landmarks"], paths["Target image"],
+                     paths["Target landmarks"], f"{math.hypot(h, w):.2f}", f"({h}, {w})", "training",
+                     json.dumps(truth.tolist())])
+    table = pd.DataFrame(rows, columns=[*TABLE_HEADER, "truth"])
+    table.drop(columns="truth").to_csv(folder / "dataset.csv", index=False)
+    return table
+
+
+def _disturbances(rng: np.random.Generator, centre: np.ndarray, radius: float, diag: float, n: int) -> list:
+    """``n`` working-frame disturbances (3x3, applied after the truth) of log-uniform size 0.3-40 % of the
+    diagonal: a rotation about the tissue centre, a shift and a scaling, mixed at random."""
+    out = []
+    for size in np.exp(rng.uniform(np.log(0.003), np.log(0.4), n)):
+        u = rng.uniform(0, 1)
+        angle = math.degrees((1 - u) * size * diag / max(radius, 1.0)) * rng.choice([-1, 1])
+        shift = u * size * diag * np.array([math.cos(a := rng.uniform(0, 2 * math.pi)), math.sin(a)])
+        scale = math.exp(rng.normal(0, 0.3 * size))
+        out.append(geometry.translation(*(centre + shift)) @ geometry.rotation(angle)
+                   @ geometry.scaling(scale) @ geometry.translation(*-centre))
+    return out
+
+
+def generated_candidates(folder: Path, table: pd.DataFrame, seed: int, disturbed: int = 8) -> pd.DataFrame:
+    """Every candidate alignment of every design pair with its landmark error (see the module doc)."""
+    from bench.registry import get
+
+    methods = {name: get(name)() for name in METHODS}
+    for m in methods.values():
+        m.prepare(Context())
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _, r in table.iterrows():
+        prepared = prepare_pair(folder / r["Source image"], folder / r["Target image"], PreprocessParams())
+        src = read_landmarks(folder / r["Source landmarks"])
+        tgt = read_landmarks(folder / r["Target landmarks"])
+        diag = float(r["Image diagonal [pixels]"])
+        fixed, moving = prepared.fixed, prepared.moving
+        truth = prepared.to_working(np.array(json.loads(r["truth"])))
+        cands = {"truth": truth, "preprocessed": np.eye(3)}
+        for name, m in methods.items():
+            try:
+                cands[name] = geometry.as_3x3(m.estimate(fixed, moving, Context(seed=0)).matrix)
+            except RegistrationFailed:
+                pass
+        ys, xs = np.nonzero(fixed.mask)
+        centre = np.array([xs.mean(), ys.mean()]) if len(xs) else np.array(fixed.shape[::-1]) / 2
+        radius = float(np.sqrt(len(xs) / np.pi))
+        wdiag = float(np.hypot(*fixed.shape))
+        for i, e in enumerate(_disturbances(rng, centre, radius, wdiag, disturbed)):
+            cands[f"disturbed-{i}"] = e @ truth
+        for kind, w in cands.items():
+            moved = geometry.apply(prepared.to_original(w), src)
+            rtre = float(np.median(np.linalg.norm(moved - tgt, axis=1)) / diag)
+            t0 = time.perf_counter()
+            q = quality.alignment_quality(fixed, moving, w)
+            rows.append(dict(pair=int(r[""]), kind=kind.split("-")[0], rtre=rtre, success=rtre <= SUCCESS,
+                             quality=q, quality_ms=1000 * (time.perf_counter() - t0),
+                             matrix=json.dumps(w.tolist())))
+        print(f"pair {r['']}: {len(cands)} candidates", file=sys.stderr)
+    return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# run folders
+
+
+def offline_quality(run: Path, rows: pd.DataFrame) -> pd.Series:
+    """The current score of each ``ok`` row, recomputed from its original-pixel matrix."""
+    manifest = json.loads((run / "run.json").read_text())
+    pp = manifest.get("preprocess") or manifest.get("preprocess_params") or {}
+    fields = {f.name for f in dataclasses.fields(PreprocessParams)}
+    params = PreprocessParams(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in pp.items() if k in fields})
+    out = pd.Series(np.nan, index=rows.index)
+    for (src, tgt), group in rows.groupby(["source_image", "target_image"]):
+        prepared = prepare_pair(src, tgt, params)
+        for i, r in group.iterrows():
+            working = prepared.to_working(np.array(json.loads(r["matrix"])))
+            out[i] = quality.alignment_quality(prepared.fixed, prepared.moving, working)
+    return out
+
+
+def report_runs(runs: list[Path], methods: list[str] | None, offline: bool) -> None:
+    for run in runs:
+        df = pd.read_csv(run / "results.csv")
+        if methods:
+            df = df[df["method"].isin(methods)]
+        ok = df[df["status"] == "ok"].copy()
+        if offline:
+            ok["quality"] = offline_quality(run, ok)
+        ok = ok.dropna(subset=["quality"])
+        print(f"{run}: {len(ok)} ok rows ({int(ok['success'].sum())} successes), {len(df) - len(ok)} other rows")
+        _print_auc(ok, "method")
+
+
+def _print_auc(df: pd.DataFrame, by: str) -> None:
+    cut = quality.LIKELY_FAILED_BELOW
+    groups = [("all", df), *((str(k), g) for k, g in df.groupby(by))]
+    for name, g in groups:
+        s, f = g[g["success"].astype(bool)], g[~g["success"].astype(bool)]
+        auc = quality.roc_auc(g["quality"], g["success"].astype(bool))
+        print(f"  {name:>14}: AUC {auc:.3f}  successes {len(s):3d} (below {cut}: {int((s['quality'] < cut).sum())})"
+              f"  failures {len(f):3d} (below: {int((f['quality'] < cut).sum())})")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("runs", help="AUC of quality per run folder")
+    r.add_argument("runs", nargs="+", type=Path)
+    r.add_argument("--methods", default="", help="comma-separated methods to keep (default: all)")
+    r.add_argument("--offline", action="store_true", help="recompute quality from the matrices")
+    g = sub.add_parser("generated", help="build and score the generated design set")
+    g.add_argument("out", type=Path)
+    g.add_argument("--pairs", type=int, default=24)
+    g.add_argument("--seed", type=int, default=2024)
+    a = ap.parse_args(argv)
+    if a.cmd == "runs":
+        report_runs(a.runs, [m for m in a.methods.split(",") if m] or None, a.offline)
+        return
+    a.out.mkdir(parents=True, exist_ok=True)
+    table = write_generated(a.out, a.pairs, a.seed)
+    cands = generated_candidates(a.out, table, a.seed)
+    cands.to_csv(a.out / "candidates.csv", index=False)
+    print(f"{a.out}: {len(cands)} candidates ({int(cands['success'].sum())} successes); quality "
+          f"{cands['quality_ms'].median():.1f} ms median per call")
+    _print_auc(cands, "kind")
+
+
+if __name__ == "__main__":
+    main()
