@@ -605,8 +605,17 @@ def test_composed_method_names_display_everywhere(run_dir, tmp_path):
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(warped_file(run, old, pid), dest)
     res["method"] = res["method"].replace(names)
+    composed = res["method"] == "sift|iterative|preprocessed"
+    decided = ["sift" if i % 2 else "iterative" for i in range(int(composed.sum()))]  # as bench.compose records
+    res.loc[composed, "diagnostics"] = [json.dumps({"expression": "sift|iterative|preprocessed", "decided": d,
+                                                    "decision": "accepted"}) for d in decided]  # fmt: skip
     res.to_csv(run / "results.csv", index=False)
     page_path = build_report([run], tmp_path / "composed-report")
+    who = pd.read_csv(page_path.parent / "tables" / "composed.csv").set_index("decided")
+    assert who.loc["sift", "n_rows"] == decided.count("sift") and who.loc["iterative", "n_rows"] == decided.count(
+        "iterative"
+    )
+    assert "which member decided" in page_path.read_text()
     out = page_path.parent
     html_text = page_path.read_text()
     assert "<td>sift|iterative|preprocessed</td>" in html_text and "<td>learned&gt;iterative</td>" in html_text

@@ -96,6 +96,7 @@ def _write_tables(df: pd.DataFrame, out: Path, multi: bool, threshold: float, ru
         "wilcoxon": stats.paired_tests(df),
         "quality": reliability.quality_table(df, q_threshold),
         "likely_failed": reliability.likely_failed(df, q_threshold),
+        "composed": tables.composition_table(df),
     }
     tdir = out / "tables"
     captions = {"table1": "Accuracy, time and success per method", "per_tissue": "Per tissue",
@@ -103,7 +104,7 @@ def _write_tables(df: pd.DataFrame, out: Path, multi: bool, threshold: float, ru
     for name in ("table1", "per_tissue", "per_pair_status"):
         tables.write_table(t[name], tdir, name, tables.display_columns(t[name], multi), captions[name],
                            _table_notes(runs, t[name]))  # fmt: skip
-    for name in ("status_counts", "initial", "bootstrap", "wilcoxon", "quality", "likely_failed"):
+    for name in ("status_counts", "initial", "bootstrap", "wilcoxon", "quality", "likely_failed", "composed"):
         tables.write_table(t[name], tdir, name, list(t[name].columns), name.replace("_", " "))
     return t
 
@@ -136,7 +137,9 @@ def _tables_html(t, multi: bool, out: Path) -> dict[str, str]:
         "per-tissue": show("per_tissue"),
         "per-status": show("per_pair_status")
         + "<h3>Rows per status</h3>"
-        + show("status_counts", list(t["status_counts"].columns)),
+        + show("status_counts", list(t["status_counts"].columns))
+        + ("<h3>Composed methods: which member decided</h3>" + show("composed", list(t["composed"].columns))
+           if len(t["composed"]) else ""),
         "bootstrap": show("bootstrap", list(t["bootstrap"].columns)),
         "wilcoxon": show("wilcoxon", list(t["wilcoxon"].columns)),
         "quality": show("quality", list(t["quality"].columns)),

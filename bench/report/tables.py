@@ -66,6 +66,9 @@ DISPLAY = {
     "n_success": "Successes",
     "n_failure": "Failures (not success)",
     "auc": "ROC AUC",
+    "expression": "Composition",
+    "decided": "Member that decided",
+    "decision": "How",
     "flagged_failed": "Flagged, failed",
     "flagged_succeeded": "Flagged, succeeded",
     "unflagged_failed": "Not flagged, failed",
@@ -204,6 +207,47 @@ def status_counts(df: pd.DataFrame) -> pd.DataFrame:
     table = table.fillna(0).astype(int)
     order = list(dict.fromkeys(df["label"]))
     return table.loc[order].reset_index()
+
+
+def composition_table(df: pd.DataFrame) -> pd.DataFrame:
+    """For composed methods (their rows' diagnostics name an ``expression`` and the member that ``decided``):
+    per label and deciding member, how many rows it decided, how (accepted / best quality / ...), and their
+    success rate and median rTRE. Empty when the run has no composed method.
+
+    >>> rows = pd.DataFrame({"label": ["c", "c"], "status": ["ok", "ok"], "success": [True, False],
+    ...     "evaluable": [True, True], "scored": [True, True], "rtre_median": [0.01, 0.05],
+    ...     "diagnostics": ['{"expression": "a|b", "decided": "a", "decision": "accepted"}',
+    ...                     '{"expression": "a|b", "decided": "b", "decision": "best quality"}']})
+    >>> composition_table(rows)[["label", "decided", "decision", "n_rows"]].values.tolist()
+    [['c', 'a', 'accepted', 1], ['c', 'b', 'best quality', 1]]
+    """
+    import json
+
+    records = []
+    for row in df.itertuples(index=False):
+        try:
+            diag = json.loads(row.diagnostics) if isinstance(row.diagnostics, str) and row.diagnostics else {}
+        except ValueError:
+            continue
+        if not isinstance(diag, dict) or "expression" not in diag or "decided" not in diag:
+            continue
+        records.append({"label": row.label, "expression": str(diag["expression"]), "decided": str(diag["decided"]),
+                        "decision": str(diag.get("decision", "")), "success": bool(row.success),
+                        "evaluable": bool(row.evaluable), "scored": bool(row.scored),
+                        "rtre_median": float(row.rtre_median)})  # fmt: skip
+    cols = ["label", "expression", "decided", "decision", "n_rows", "success_rate_pct", "median_rtre"]
+    if not records:
+        return pd.DataFrame(columns=cols)
+    rec = pd.DataFrame.from_records(records)
+    out = []
+    for (label, expr, decided, decision), g in rec.groupby(["label", "expression", "decided", "decision"],
+                                                           sort=False):  # fmt: skip
+        ev, sc = g[g["evaluable"]], g[g["scored"]]
+        out.append({"label": label, "expression": expr, "decided": decided, "decision": decision,
+                    "n_rows": int(len(g)),
+                    "success_rate_pct": float(ev["success"].mean() * 100) if len(ev) else math.nan,
+                    "median_rtre": float(sc["rtre_median"].median()) if len(sc) else math.nan})  # fmt: skip
+    return pd.DataFrame.from_records(out, columns=cols)
 
 
 def display_columns(table: pd.DataFrame, multi_run: bool) -> list[str]:
