@@ -10,6 +10,11 @@ Two uses:
     matrix with the current :func:`bench.quality.alignment_quality` (the pair is prepared again with the
     run's preprocessing parameters), for runs written before a change of the score.
 
+``python benchmarks/quality_auc.py cost FOLDER [--pairs N]``
+    The cost of the score: median wall time of one quality call and one ``sift`` call on the same prepared
+    pairs of a ``generated`` folder, interleaved in one process (compare the ratio, not the times, on a
+    shared machine).
+
 ``python benchmarks/quality_auc.py generated OUT [--pairs N] [--seed S]``
     The generated design set the score and its threshold were chosen on (never real data): ``N`` generated
     pairs written in the ANHIR layout under ``OUT`` (1024 px, elastic warp, any rotation, scale 0.85-1.2,
@@ -172,6 +177,31 @@ def _print_auc(df: pd.DataFrame, by: str) -> None:
               f"  failures {len(f):3d} (below: {int((f['quality'] < cut).sum())})")
 
 
+def cost(folder: Path, n_pairs: int, repeats: int = 3) -> None:
+    """Median wall time of one quality call and of one ``sift`` call on the same prepared pairs, interleaved
+    in one process (their ratio holds on a busy machine; the absolute times do not)."""
+    from bench.registry import get
+
+    table = pd.read_csv(folder / "dataset.csv").head(n_pairs)
+    sift = get("sift")()
+    times: dict[str, list[float]] = {"quality": [], "sift": []}
+    for _, r in table.iterrows():
+        prepared = prepare_pair(folder / r["Source image"], folder / r["Target image"], PreprocessParams())
+        fixed, moving = prepared.fixed, prepared.moving
+        m = geometry.as_3x3(sift.estimate(fixed, moving, Context(seed=0)).matrix)  # warm-up, and the matrix
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            sift.estimate(fixed, moving, Context(seed=0))
+            t1 = time.perf_counter()
+            quality.alignment_quality(fixed, moving, m)
+            t2 = time.perf_counter()
+            times["sift"].append(t1 - t0)
+            times["quality"].append(t2 - t1)
+    q, s = (1000 * float(np.median(times[k])) for k in ("quality", "sift"))
+    print(f"{len(table)} pairs x {repeats}, working size {fixed.shape}: quality {q:.1f} ms, sift {s:.1f} ms "
+          f"(median per call; quality = {q / s:.3f} x sift)")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -183,7 +213,13 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("out", type=Path)
     g.add_argument("--pairs", type=int, default=24)
     g.add_argument("--seed", type=int, default=2024)
+    c = sub.add_parser("cost", help="time quality vs a sift call on the pairs of a generated folder")
+    c.add_argument("folder", type=Path)
+    c.add_argument("--pairs", type=int, default=8)
     a = ap.parse_args(argv)
+    if a.cmd == "cost":
+        cost(a.folder, a.pairs)
+        return
     if a.cmd == "runs":
         report_runs(a.runs, [m for m in a.methods.split(",") if m] or None, a.offline)
         return
