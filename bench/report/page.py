@@ -35,7 +35,7 @@ table.results{border-collapse:collapse;margin:0.5em 0 1em 0;font-size:0.88em}
 table.results th,table.results td{border:1px solid #ccc;padding:3px 7px}
 table.results th{background:#f1f3f6;text-align:left} td.num{text-align:right;font-variant-numeric:tabular-nums}
 table.results tbody tr:nth-child(even){background:#fafafa}
-figure{margin:0.8em 0 1.5em 0} figure img{max-width:min(100%,900px);border:1px solid #eee}
+figure{margin:0.8em 0 1.5em 0} figure img{max-width:min(100%,1100px);border:1px solid #eee}
 figcaption{font-size:0.88em;color:#555}
 .warn{background:#fdecea;border-left:6px solid #c62828;padding:0.6em 0.9em;font-weight:600;font-size:1.05em}
 .note{background:#fff8e1;border-left:4px solid #f0b400;padding:0.4em 0.8em}
