@@ -1,10 +1,9 @@
 """``cascade``: the default composition of this project's methods (``docs/compose.md``).
 
-A fallback chain (:mod:`bench.compose`): ``sift``, then the learned network refined by ``iterative``, then the
-preprocessing alone. The first member whose result is not reported as failed and whose
-landmark-free quality (:func:`bench.quality.alignment_quality`) reaches ``accept`` decides and the rest do not
-run; when none does, the best-scoring result is returned unless the quality score calls it likely failed
-(``refuse_below`` = :data:`bench.quality.LIKELY_FAILED_BELOW`), and then the pair is refused.
+A fallback chain (:mod:`bench.compose`): ``sift``, then ``iterative``, then the learned network refined by
+``iterative``, then the preprocessing alone. The first member whose result is not reported as failed and whose
+landmark-free quality (:func:`bench.quality.alignment_quality`) reaches ``accept`` (1.3) decides and the rest do
+not run; when none does, the pair is refused (``refuse_below`` = ``accept``).
 
 Chosen on generated data only (``benchmarks/cascade_study.py``, results in ``docs/compose.md``). Inside the
 cascade ``sift`` runs without its own evidence check (``min_evidence=0``): the cascade's quality check
@@ -21,13 +20,12 @@ import bench.methods.sift  # noqa: F401
 
 from bench import register
 from bench.compose import Composite
-from bench.quality import LIKELY_FAILED_BELOW
 
 
 @register
 class Cascade(Composite):
     name = "cascade"
-    expression = "sift|learned>iterative|preprocessed"
-    defaults = {"accept": 1.3, "refuse_below": LIKELY_FAILED_BELOW, "sift": "min_evidence=0"}
-    description = ("sift, else learned refined by iterative, else the preprocessing: the first result whose "
-                   "quality reaches 1.3 (fallback chain chosen on generated data).")
+    expression = "sift|iterative|learned>iterative|preprocessed"
+    defaults = {"accept": 1.3, "refuse_below": 1.3, "sift": "min_evidence=0"}
+    description = ("sift, else iterative, else learned refined by iterative, else the preprocessing: the first "
+                   "result whose quality reaches 1.3, else refused (fallback chain chosen on generated data).")
