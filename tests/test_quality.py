@@ -157,3 +157,17 @@ def test_roc_auc_is_the_pairwise_ranking_probability():
     assert np.all(np.diff(fpr) >= 0) and np.all(np.diff(tpr) >= 0)
     assert np.trapezoid(tpr, fpr) == pytest.approx(brute)  # the curve's area is the same number
     assert quality.roc_auc([1.0, np.nan, 0.0], [True, True, False]) == 1.0  # NaN scores dropped
+
+
+def test_elastix_ending_uses_the_shared_checks(pair, other):
+    """elastix's ending (start/end metric with SimpleITK, keep the better, accept) runs without itk."""
+    pytest.importorskip("SimpleITK")
+    from bench.methods.elastix import Elastix
+
+    fixed, moving, truth = pair
+    est = Elastix()._checked(fixed, moving, truth, np.linalg.inv(truth), {})
+    assert est.diagnostics["metric_end"] < est.diagnostics["metric_start"] and not est.diagnostics["kept_start"]
+    assert est.diagnostics["evidence_contrast"] >= Elastix().params.min_evidence
+    np.testing.assert_allclose(est.matrix, truth)
+    with pytest.raises(RegistrationFailed, match="shared structure.*Mattes MI"):
+        Elastix()._checked(fixed, other[1], np.eye(3), np.eye(3), {})
