@@ -14,7 +14,7 @@ from typing import Any
 
 PACKAGES = ("histreg-bench", "numpy", "opencv-contrib-python-headless", "opencv-python", "opencv-contrib-python",
             "SimpleITK", "torch", "mahotas", "scikit-image", "scipy", "pandas", "tifffile", "pillow",
-            "itk-elastix", "filelock")
+            "itk-elastix")
 
 
 def git_commit() -> str:
