@@ -442,6 +442,7 @@ class Composite(Method):
             "decided": record.get("decided", record["member"]),
             "decision": record.get("decision", "only"),
             "members": record.get("alternatives", [record]),
+            "not_run": record.get("not_run", []),
             "time_members_s": sum(_leaf_times(record)),
             "member_diagnostics": out.diagnostics,
         }

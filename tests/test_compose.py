@@ -176,7 +176,7 @@ def test_fallback_takes_first_accepted_and_stops(views):
     assert CALLS == ["t-good"]
     d = est.diagnostics
     assert d["decided"] == "t-good" and d["decision"] == "accepted"
-    assert [r["member"] for r in d["members"]] == ["t-good"]
+    assert [r["member"] for r in d["members"]] == ["t-good"] and d["not_run"] == ["t-good2"]
     assert d["members"][0]["accepted"] and d["members"][0]["quality"] >= compose.DEFAULT_ACCEPT
     assert d["member_diagnostics"]["who"] == "good"
     json.dumps(d)  # the row's diagnostics are JSON
