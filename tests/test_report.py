@@ -571,9 +571,6 @@ def test_auc_is_the_mann_whitney_statistic_and_the_area_under_the_roc():
 def test_likely_failed_threshold_comes_from_the_quality_module(monkeypatch):
     monkeypatch.setattr(bench_quality, "LIKELY_FAILED_BELOW", 1.7, raising=False)
     assert reliability.likely_failed_below() == (1.7, "bench.quality.LIKELY_FAILED_BELOW")
-    monkeypatch.delattr(bench_quality, "LIKELY_FAILED_BELOW")
-    value, source = reliability.likely_failed_below()
-    assert value == reliability.FALLBACK_LIKELY_FAILED_BELOW and "fallback" in source
 
 
 def test_quality_tables_against_results_csv(report, run_dir):
@@ -746,7 +743,7 @@ def test_import_anhir_command_line(run_dir, data, tmp_path, capsys):
 
 @pytest.mark.parametrize(
     "name", ["bench.report.tables", "bench.report.stats", "bench.report.plots", "bench.report.gallery",
-             "bench.report.load", "bench.report.reliability"]
+             "bench.report.load"]
 )
 def test_report_doctests(name):
     import doctest

@@ -18,65 +18,18 @@ import math
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
-# Used only while bench.quality does not declare LIKELY_FAILED_BELOW: the methods' own evidence threshold
-# (``min_evidence`` of sift, surf, iterative and elastix), below which they report "no shared structure".
-FALLBACK_LIKELY_FAILED_BELOW = 1.2
+from bench import quality
 
 
 def likely_failed_below() -> tuple[float, str]:
-    """The quality below which a row is "likely failed", and where the value comes from.
-
-    ``bench.quality.LIKELY_FAILED_BELOW`` when the quality module declares it, else
-    :data:`FALLBACK_LIKELY_FAILED_BELOW` (the methods' ``min_evidence``).
-    """
-    from bench import quality
-
-    value = getattr(quality, "LIKELY_FAILED_BELOW", None)
-    if value is not None:
-        return float(value), "bench.quality.LIKELY_FAILED_BELOW"
-    return FALLBACK_LIKELY_FAILED_BELOW, "fallback: the methods' min_evidence (bench.quality declares none)"
+    """The quality below which a row is "likely failed", and where the value comes from."""
+    return float(quality.LIKELY_FAILED_BELOW), "bench.quality.LIKELY_FAILED_BELOW"
 
 
-def auc(scores: np.ndarray, positive: np.ndarray) -> float:
-    """ROC AUC of ``scores`` for the boolean ``positive`` labels, from the Mann-Whitney U statistic.
-
-    AUC = U / (n_pos n_neg), U = (sum of the positives' mid-ranks) - n_pos (n_pos + 1) / 2. NaN when one
-    class is empty.
-
-    >>> auc(np.array([0.9, 0.8, 0.3, 0.1]), np.array([True, True, False, False]))
-    1.0
-    >>> auc(np.array([1.0, 1.0, 2.0]), np.array([True, False, True]))
-    0.75
-    """
-    s = np.asarray(scores, dtype=float)
-    y = np.asarray(positive, dtype=bool)
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    if n_pos == 0 or n_neg == 0:
-        return math.nan
-    ranks = stats.rankdata(s)  # mid-ranks for ties
-    u = float(ranks[y].sum()) - n_pos * (n_pos + 1) / 2.0
-    return u / (n_pos * n_neg)
-
-
-def roc_points(scores: np.ndarray, positive: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """ROC curve: ``(fpr, tpr, cut)`` where a row is predicted a success when its score >= ``cut``.
-
-    Starts at (0, 0) (cut = +inf) and ends at (1, 1); one point per distinct score, so the trapezoid area
-    under it equals :func:`auc`.
-
-    >>> fpr, tpr, _ = roc_points(np.array([3.0, 2.0, 1.0]), np.array([True, False, True]))
-    >>> fpr.tolist(), tpr.tolist()
-    ([0.0, 0.0, 1.0, 1.0], [0.0, 0.5, 0.5, 1.0])
-    """
-    s = np.asarray(scores, dtype=float)
-    y = np.asarray(positive, dtype=bool)
-    cuts = np.unique(s)[::-1]
-    n_pos, n_neg = max(int(y.sum()), 1), max(int((~y).sum()), 1)
-    tpr = [0.0] + [float((s[y] >= c).sum()) / n_pos for c in cuts]
-    fpr = [0.0] + [float((s[~y] >= c).sum()) / n_neg for c in cuts]
-    return np.array(fpr), np.array(tpr), np.concatenate([[np.inf], cuts])
+# one definition of the ROC statistics, in bench.quality (its doctests and tests hold them)
+auc = quality.roc_auc
+roc_points = quality.roc_curve
 
 
 def operating_point(scores: np.ndarray, positive: np.ndarray, threshold: float) -> tuple[float, float]:
