@@ -40,6 +40,7 @@ import cv2
 import numpy as np
 from bench.datasets.anhir import load_table, read_landmarks, write_landmarks
 from bench.datasets.synthetic import TABLE_HEADER, GeneratorConfig, generate_pair
+from frame_cut_pairs import move_on_canvas  # noqa: E402 - a sibling script (benchmarks/ is on sys.path when run)
 
 from bench import geometry
 from bench import preprocess as pre
@@ -58,21 +59,6 @@ def _mirror(img: np.ndarray, left_right: bool) -> tuple[np.ndarray, np.ndarray]:
     if left_right:
         return img[:, ::-1].copy(), np.array([[-1.0, 0, w - 1], [0, 1, 0], [0, 0, 1]])
     return img[::-1].copy(), np.array([[1.0, 0, 0], [0, -1, h - 1], [0, 0, 1]])
-
-
-def _move(img: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """``img`` moved by a random affine onto a canvas holding all of it, filled with its border colour."""
-    h, w = img.shape[:2]
-    a = geometry.random_affine(rng, ((w - 1) / 2, (h - 1) / 2), max_rotation_deg=180, scale_range=(0.85, 1.2),
-                               max_shear=0.08)
-    corners = geometry.apply(a, np.array([[0, 0], [w - 1, 0], [0, h - 1], [w - 1, h - 1]], float))
-    lo, hi = corners.min(0), corners.max(0)
-    a = geometry.translation(-lo[0] + 20, -lo[1] + 20) @ a
-    size = (int(hi[0] - lo[0] + 41), int(hi[1] - lo[1] + 41))
-    border = np.median(np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]]), axis=0)
-    out = cv2.warpAffine(img, a[:2], size, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
-                         borderValue=tuple(int(v) for v in border))
-    return out, a
 
 
 def _write_table(folder: Path, rows: list[list]) -> Path:
@@ -127,7 +113,7 @@ def make_sets(out: Path, n: int, seed: int) -> list[Path]:
                 for mirrored in (False, True):
                     rng.bit_generator.state = state  # the same move for both versions
                     s, m = (_mirror(src, left_right) if mirrored else (src, np.eye(3)))
-                    moved, a = _move(s, rng)
+                    moved, a = move_on_canvas(rng, s, scale_range=(0.85, 1.2))
                     moved = _gamma(moved, rng)
                     name = f"fov/{'mirrored' if mirrored else 'plain'}"
                     rows[name].append(_save(folders[name], k, (moved, tgt), (geometry.apply(a @ m, ls), lt)))

@@ -27,10 +27,12 @@ from bench.datasets.synthetic import TABLE_HEADER, write_dataset
 from bench import geometry
 
 
-def _move(rng: np.random.Generator, img: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``img`` moved by a random affine onto a canvas holding all of it, filled with its border colour."""
+def move_on_canvas(rng: np.random.Generator, img: np.ndarray,
+                   scale_range: tuple[float, float] = (0.8, 1.2)) -> tuple[np.ndarray, np.ndarray]:
+    """``img`` moved by a random affine onto a canvas holding all of it, filled with its border colour
+    (also used by ``flip_study.py``)."""
     h, w = img.shape[:2]
-    a = geometry.random_affine(rng, ((w - 1) / 2, (h - 1) / 2), max_rotation_deg=180, scale_range=(0.8, 1.2),
+    a = geometry.random_affine(rng, ((w - 1) / 2, (h - 1) / 2), max_rotation_deg=180, scale_range=scale_range,
                                max_shear=0.08)
     corners = geometry.apply(a, np.array([[0, 0], [w - 1, 0], [0, h - 1], [w - 1, h - 1]], float))
     lo, hi = corners.min(0), corners.max(0)
@@ -57,7 +59,7 @@ def cut_table(table: Path, out: Path, move: bool) -> Path:
             y0, x0 = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
             img, m = img[y0:y0 + ch, x0:x0 + cw], geometry.translation(-x0, -y0)
             if move and role == "source":
-                img, a = _move(rng, img)
+                img, a = move_on_canvas(rng, img)
                 m = a @ m
             images.append(img)
             points.append(geometry.apply(m, read_landmarks(marks)))
