@@ -22,6 +22,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,6 +99,7 @@ class PairTask:
     cache_dir: str | None = None
     cache_enabled: bool = True
     plugins: tuple[str, ...] = ()
+    split: bool = False  # one of several tasks of this pair (its preprocessing is kept in the worker's memory)
 
 
 @dataclass(frozen=True)
@@ -155,13 +158,28 @@ def _has(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+# device files a CUDA (or ROCm, or WSL) GPU needs on Linux: without any of them torch cannot see a GPU
+_GPU_DEVICE_FILES = ("/dev/nvidiactl", "/dev/kfd", "/dev/dxg")
+
+
+def cuda_possible() -> bool:
+    """Whether a CUDA device may be there, answered without importing torch where that is certain: torch
+    is not installed, or (Linux) no GPU device file exists. Importing torch takes about a second, which the
+    parent process of every run paid only to learn that there is no GPU."""
+    if not _has("torch"):
+        return False
+    if sys.platform.startswith("linux"):
+        return any(os.path.exists(f) for f in _GPU_DEVICE_FILES)
+    return sys.platform != "darwin"
+
+
 def resolve_device(device: str) -> str:
     if device not in ("auto", "cpu", "cuda") and not str(device).startswith("cuda:"):
         raise RunError(f"--device {device!r}: expected auto, cpu or cuda")
     if device == "cpu":
         return device
     has_cuda = False
-    if _has("torch"):
+    if cuda_possible():
         import torch
 
         has_cuda = torch.cuda.is_available()

@@ -117,8 +117,10 @@ def _worker_main(conn: Connection, parent_pid: int, threads: int | None, work: W
             task = conn.recv()
         except (EOFError, OSError):
             return
-        if task is None:
-            return
+        if task is None:  # every result is sent and nothing is left to save: end without the slow teardown
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
         try:
             work(task, on_event)
         except BaseException as exc:  # noqa: BLE001 - reported, then this worker is replaced
@@ -217,7 +219,8 @@ class Supervisor:
         tasks = list(tasks)
         if workers > 1:  # the last pairs one method per task, so the workers finish together
             tail = len(tasks) - TAIL_PAIRS * workers
-            tasks = tasks[:max(0, tail)] + [replace(t, methods=(m,)) for t in tasks[max(0, tail):] for m in t.methods]
+            tasks = tasks[:max(0, tail)] + [replace(t, methods=(m,), split=len(t.methods) > 1)
+                                              for t in tasks[max(0, tail):] for m in t.methods]
         self.queue = deque(tasks)
         self.outstanding: dict[str, int] = {}
         for t in tasks:

@@ -16,9 +16,12 @@ finished row. Method instances are built, prepared and warmed up once per proces
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import os
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -93,8 +96,42 @@ def failed_rows(pair: Pair, specs: Iterable[MethodSpec], message: str, device: s
     return rows
 
 
+# the last preprocessed pairs of this process whose task was one of several (a parallel run splits its
+# last pairs into one task per method, see bench.supervise.TAIL_PAIRS), so each worker prepares such a pair
+# once, as a serial run does, even without the disk cache; bounded in count and in bytes
+_PREPARED: OrderedDict[tuple, tuple[PreparedPair, float, bool]] = OrderedDict()
+PREPARED_KEEP = 8
+PREPARED_MAX_BYTES = 200 * 2**20
+
+
+def _nbytes(prepared: PreparedPair) -> int:
+    arrays = (getattr(v, f.name) for v in (prepared.fixed, prepared.moving) for f in dataclasses.fields(v))
+    return sum(a.nbytes for a in arrays if isinstance(a, np.ndarray))
+
+
 def _prepare(task: PairTask, full: bool) -> tuple[PreparedPair, float, bool]:
-    """Run (or fetch from cache) one preprocessing stage; returns (prepared, compute seconds, cached)."""
+    """Run (or fetch from this process's memory, or from the disk cache) one preprocessing stage; returns
+    (prepared, compute seconds, cached) exactly as the first preparation of the pair returned them."""
+    try:
+        files = tuple((str(f), os.stat(f).st_size, os.stat(f).st_mtime_ns)
+                      for f in (task.pair.source_image, task.pair.target_image))
+    except (OSError, TypeError, ValueError):
+        return _prepare_now(task, full)  # a missing file: the stage says what is wrong
+    key = (files, task.preprocess, full, task.cache_enabled, task.cache_dir)
+    if key in _PREPARED:
+        _PREPARED.move_to_end(key)
+        return _PREPARED[key]
+    out = _prepare_now(task, full)
+    if not task.split:
+        return out
+    _PREPARED[key] = out
+    while len(_PREPARED) > PREPARED_KEEP or (
+            len(_PREPARED) > 1 and sum(_nbytes(v[0]) for v in _PREPARED.values()) > PREPARED_MAX_BYTES):
+        _PREPARED.popitem(last=False)
+    return out
+
+
+def _prepare_now(task: PairTask, full: bool) -> tuple[PreparedPair, float, bool]:
     from bench import cache as cache_mod
 
     cache = cache_mod.PreprocessCache(task.cache_dir, enabled=task.cache_enabled)

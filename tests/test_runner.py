@@ -275,3 +275,67 @@ def test_identity_is_exactly_the_identity_for_images_of_different_sizes(tmp_path
 
     composed = prepare_pair(tmp_path / "source.png", tmp_path / "target.png", full=False).to_original(np.eye(3))
     assert not np.allclose(composed, np.eye(3), rtol=0, atol=1e-6)
+
+
+def test_split_tasks_prepare_their_pair_once_per_process(tiny_table: Path, monkeypatch):
+    """A parallel run's last pairs become one task per method; a worker prepares such a pair once (as a
+    serial run does, even without the disk cache) and its rows equal those of the unsplit task."""
+    from dataclasses import replace
+
+    from bench import work
+    from bench.plan import make_plan
+
+    plan = make_plan(RunConfig(dataset=tiny_table, methods="identity,preprocessed,sift", cache_enabled=False,
+                               device="cpu", out=tiny_table.parent / "unused"))
+    calls = []
+    real = work._prepare_now
+    monkeypatch.setattr(work, "_prepare_now", lambda task, full: calls.append(full) or real(task, full))
+    monkeypatch.setattr(work, "_PREPARED", type(work._PREPARED)())
+    whole = work.run_pair(plan.task(plan.pairs[0], plan.specs))
+    n_whole = len(calls)
+    assert n_whole == 2  # the full stage (preprocessed, sift) and the light one (identity)
+    calls.clear()
+    split = [work.run_pair(replace(plan.task(plan.pairs[0], (s,)), split=True)) for s in plan.specs]
+    assert len(calls) == n_whole  # not once per task
+    calls.clear()
+    work._PREPARED.clear()
+    [work.run_pair(plan.task(plan.pairs[0], (s,))) for s in plan.specs]
+    assert len(calls) == len(plan.specs)  # unsplit tasks are not kept in memory
+    split_rows = [r for res in split for r in res.rows]
+    # preprocessed and sift share one preparation, as in the unsplit task
+    assert split_rows[1]["time_preprocess_s"] == split_rows[2]["time_preprocess_s"]
+    volatile = ("time_s", "time_cpu_s", "time_preprocess_s", "diagnostics")  # timings measured again
+    for a, b in zip(whole.rows, split_rows, strict=True):
+        assert {k: str(v) for k, v in a.items() if k not in volatile} == {
+            k: str(v) for k, v in b.items() if k not in volatile}
+
+
+def test_workers_end_by_themselves_after_the_last_pair(tiny_table: Path):
+    """At the end the workers are asked to stop and exit at once with code 0 (not killed, not left)."""
+    from bench.plan import make_plan
+    from bench.supervise import Supervisor
+    from bench.work import run_pair
+
+    plan = make_plan(RunConfig(dataset=tiny_table, methods="identity", cache_enabled=False, device="cpu",
+                               out=tiny_table.parent / "unused"))
+    sup = Supervisor([plan.task(p, plan.specs) for p in plan.pairs], 2, run_pair, threads=1)
+    procs = [w.proc for w in sup.workers]
+    assert len([r for res in sup for r in res.rows]) == len(plan.pairs)
+    assert [p.exitcode for p in procs] == [0, 0]
+
+
+def test_a_plan_does_not_import_torch_when_no_gpu_can_be_there(tmp_path: Path):
+    """Importing torch costs the parent of every run about a second; without a GPU device file it is skipped
+    (the device is still 'cpu')."""
+    from bench.plan import cuda_possible, resolve_device
+
+    if cuda_possible():
+        pytest.skip("a GPU device file exists here: torch must be asked")
+    code = ("import sys, pathlib; from bench.plan import make_plan, RunConfig; "
+            f"p = make_plan(RunConfig(methods='all', out=pathlib.Path({str(tmp_path)!r}))); "
+            "print(p.device, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.split()
+    assert out == ["cpu", "False"]
+    assert resolve_device("auto") == "cpu"
+    with pytest.raises(RunError, match="no CUDA device"):
+        resolve_device("cuda")
