@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import resource
 import shutil
@@ -86,27 +87,39 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/runner-speed"))
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--limit", type=int, help="only the first N pairs (a quick look; the check uses all 24)")
+    ap.add_argument("--trees", nargs="+", default=["old", "new"], choices=["old", "new"],
+                    help="which runners to time (new alone: the speed-up of today's runner, twice as fast)")
     args = ap.parse_args()
     trees = build(args.work, args.old, args.new)
     times: dict[tuple[str, int], list[float]] = {}
     cpu: dict[tuple[str, int], list[float]] = {}
     for r in range(args.rounds):
-        for workers in args.workers:
-            order = ("old", "new") if r % 2 == 0 else ("new", "old")
+        # alternate the order of the workers too, so a drift of the machine's speed does not favour one
+        for workers in (args.workers if r % 2 == 0 else args.workers[::-1]):
+            order = args.trees if r % 2 == 0 else args.trees[::-1]
             for name in order:
-                t, c = run_once(trees[name], args.work / f"{name}-w{workers}", workers, args.limit)
+                out = args.work / f"{name}-w{workers}"
+                t, c = run_once(trees[name], out, workers, args.limit)
                 times.setdefault((name, workers), []).append(t)
                 cpu.setdefault((name, workers), []).append(c)
-                print(f"round {r + 1}: {name} --workers {workers}: {t:.1f} s wall, {c:.1f} s CPU", flush=True)
+                ref = json.loads((out / "run.json").read_text()).get("reference_time_s", float("nan"))
+                print(f"round {r + 1}: {name} --workers {workers}: {t:.1f} s wall, {c:.1f} s CPU "
+                      f"(reference workload {ref:.3f} s)", flush=True)
     med = {k: statistics.median(v) for k, v in times.items()}
     mcpu = {k: statistics.median(v) for k, v in cpu.items()}
     for workers in args.workers:
+        if len(args.trees) < 2:
+            print(f"--workers {workers}: {args.trees[0]} {med[args.trees[0], workers]:.1f} s wall (median), "
+                  f"{mcpu[args.trees[0], workers]:.1f} s CPU")
+            continue
         print(f"--workers {workers}: old {med['old', workers]:.1f} s, new {med['new', workers]:.1f} s, "
               f"new/old {med['new', workers] / med['old', workers]:.3f} (CPU: old {mcpu['old', workers]:.1f} s, "
               f"new {mcpu['new', workers]:.1f} s, new/old {mcpu['new', workers] / mcpu['old', workers]:.3f})")
     if set(args.workers) != {1, 2}:
         return
-    for name in ("old", "new"):
+    for name in args.trees:
+        ratios = [a / b for a, b in zip(times[name, 1], times[name, 2], strict=True)]
+        print(f"{name}: per-round speed-ups {', '.join(f'{x:.2f}x' for x in ratios)}")
         same = rows(args.work / f"{name}-w1") == rows(args.work / f"{name}-w2")
         print(f"{name}: 2 workers vs 1: {med[name, 1] / med[name, 2]:.2f}x, identical rows: {same}")
 
