@@ -22,10 +22,13 @@ from bench.supervise import limit_threads
 from bench.work import PairResult
 
 
-def dask_executor(scheduler: str | None) -> Callable[[list[PairTask], int, Callable], Iterator[PairResult]]:
+def dask_executor(scheduler: str | None) -> Callable[..., Iterator[PairResult]]:
     """An executor that sends tasks to ``scheduler`` (``tcp://host:8786``) or to a new local cluster."""
 
-    def execute(tasks: list[PairTask], workers: int, work: Callable) -> Iterator[PairResult]:
+    def execute(tasks: list[PairTask], workers: int, work: Callable,
+                meanwhile: Callable | None = None) -> Iterator[PairResult]:
+        if meanwhile is not None:
+            meanwhile()
         try:
             from distributed import Client, LocalCluster, as_completed
         except ImportError as exc:

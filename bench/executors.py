@@ -1,6 +1,8 @@
-"""Executors: where pair tasks run. Each takes the tasks, the worker count and the work function
-(:func:`bench.work.run_pair`) and yields :class:`bench.work.PairResult` values as they finish; the runner
-alone writes them, so rows land the same way from any executor.
+"""Executors: where pair tasks run. Each takes the tasks, the worker count, the work function
+(:func:`bench.work.run_pair`) and ``meanwhile``, a function to call in this process before the results
+(the runner's reference workload: the supervised executors run it while the workers it leaves a core to
+start), and yields :class:`bench.work.PairResult` values as they finish; the runner alone writes them, so
+rows land the same way from any executor.
 
 - ``serial``: one supervised worker process with the machine's threads (:mod:`bench.supervise`);
 - ``processes``: N supervised worker processes, each capped to ``cores / N`` threads;
@@ -16,24 +18,30 @@ from collections.abc import Callable, Iterator
 from bench.plan import PairTask, RunError
 from bench.work import PairResult
 
-Executor = Callable[[list[PairTask], int, Callable], Iterator[PairResult]]
+Executor = Callable[[list[PairTask], int, Callable, Callable | None], Iterator[PairResult]]
 
 
-def inline(tasks: list[PairTask], workers: int, work: Callable) -> Iterator[PairResult]:  # noqa: ARG001
+def inline(tasks: list[PairTask], workers: int, work: Callable,  # noqa: ARG001
+           meanwhile: Callable | None = None) -> Iterator[PairResult]:
+    if meanwhile is not None:
+        meanwhile()
     for t in tasks:
         yield work(t)
 
 
-def serial(tasks: list[PairTask], workers: int, work: Callable) -> Iterator[PairResult]:  # noqa: ARG001
+def serial(tasks: list[PairTask], workers: int, work: Callable,  # noqa: ARG001
+           meanwhile: Callable | None = None) -> Iterator[PairResult]:
     from bench.supervise import supervised
 
-    yield from supervised(tasks, 1, work, threads=None)
+    yield from supervised(tasks, 1, work, threads=None, meanwhile=meanwhile)
 
 
-def processes(tasks: list[PairTask], workers: int, work: Callable) -> Iterator[PairResult]:
+def processes(tasks: list[PairTask], workers: int, work: Callable,
+              meanwhile: Callable | None = None) -> Iterator[PairResult]:
     from bench.supervise import supervised
 
-    yield from supervised(tasks, workers, work, threads=max(1, (os.cpu_count() or 1) // workers))
+    yield from supervised(tasks, workers, work, threads=max(1, (os.cpu_count() or 1) // workers),
+                          meanwhile=meanwhile)
 
 
 def get(kind: str, scheduler: str | None = None) -> Executor:

@@ -166,10 +166,13 @@ def _run_locked(plan: Plan, store: ResultStore, progress: Callable | None) -> Ru
         manifest["methods"] = {**old.get("methods", {}), **manifest["methods"]}
         manifest["created"] = old.get("created", manifest["created"])
         manifest["resumed"] = datetime.now(UTC).isoformat(timespec="seconds")
-    from bench.reference import reference_time
+    store.write_manifest(manifest)  # before any work: a resume checks against it
 
-    manifest["reference_time_s"] = reference_time()
-    store.write_manifest(manifest)
+    def time_reference() -> None:  # called by the executor while its workers start (see bench.supervise)
+        from bench.reference import reference_time
+
+        manifest["reference_time_s"] = reference_time()
+        store.write_manifest(manifest)
 
     tasks: list[PairTask] = []
     already = 0
@@ -182,7 +185,7 @@ def _run_locked(plan: Plan, store: ResultStore, progress: Callable | None) -> Ru
     summary = RunSummary(plan.out, len(plan.pairs), plan.method_names, plan.skipped, 0, already, {},
                          retried=retried)
     finished = 0
-    with contextlib.closing(execute(tasks, plan.workers, run_pair)) as results:  # closing: workers end here
+    with contextlib.closing(execute(tasks, plan.workers, run_pair, time_reference)) as results:  # closing: workers end
         for res in results:
             _store_result(res, store, summary)
             if res.finished:

@@ -215,7 +215,8 @@ class _Worker:
 class Supervisor:
     """Run tasks on supervised workers; iterate for results (one :class:`PairResult` per row)."""
 
-    def __init__(self, tasks: list[PairTask], workers: int, work: Work, threads: int | None = None) -> None:
+    def __init__(self, tasks: list[PairTask], workers: int, work: Work, threads: int | None = None,
+                 meanwhile: Callable[[], Any] | None = None) -> None:
         tasks = list(tasks)
         if workers > 1:  # the last pairs one method per task, so the workers finish together
             tail = len(tasks) - TAIL_PAIRS * workers
@@ -226,8 +227,29 @@ class Supervisor:
         for t in tasks:
             self.outstanding[t.pair.pair_id] = self.outstanding.get(t.pair.pair_id, 0) + len(t.methods)
         self.cost: dict[str, list[float]] = {}  # method -> [seconds, calls] seen so far
-        ctx = mp.get_context("spawn")
-        self.workers = [_Worker(ctx, work, threads) for _ in range(max(1, min(workers, len(tasks))))] if tasks else []
+        self.ctx, self.work, self.threads, self.meanwhile = mp.get_context("spawn"), work, threads, meanwhile
+        self.n_workers = max(1, min(workers, len(tasks))) if tasks else 0
+        self.workers: list[_Worker] = []
+        self.exit_codes: list[int | None] = []  # of the workers at the end (replaced ones not included)
+
+    def _start_workers(self) -> None:
+        """Start the workers, each with its first task. ``meanwhile`` (the runner's reference workload, timed
+        on one thread) runs here while only the workers that leave it a core of its own have started: with
+        N single-threaded workers on N cores, N - 1 start first and the last when it is done; a serial run's
+        worker, which may use every core, starts after it."""
+        first = self.n_workers
+        if self.meanwhile is not None:
+            cores = os.cpu_count() or 1
+            first = min(self.n_workers, max(0, (cores - 1) // (self.threads or cores)))
+        for n in (first, self.n_workers - first):
+            for _ in range(n):
+                w = _Worker(self.ctx, self.work, self.threads)
+                self.workers.append(w)
+                if self.queue:
+                    w.assign(self._next())
+            if self.meanwhile is not None:
+                meanwhile, self.meanwhile = self.meanwhile, None
+                meanwhile()
 
     def _next(self) -> PairTask:
         """The queued task expected to take longest (methods not seen yet first; ties: the first queued), so
@@ -307,6 +329,7 @@ class Supervisor:
 
     def __iter__(self) -> Iterator[PairResult]:
         try:
+            self._start_workers()
             while self.queue or any(w.task is not None for w in self.workers):
                 for w in self.workers:
                     if w.task is None and self.queue:
@@ -339,9 +362,12 @@ class Supervisor:
                 w.ask_to_stop()
         for w in self.workers:
             w.stop(kill=kill)
+        self.exit_codes = [w.proc.exitcode for w in self.workers]
         self.workers = []
 
 
-def supervised(tasks: list[PairTask], workers: int, work: Work, threads: int | None = None) -> Iterator[PairResult]:
-    """Results of ``tasks`` run by ``work`` in ``workers`` supervised processes, one row at a time."""
-    yield from Supervisor(tasks, workers, work, threads)
+def supervised(tasks: list[PairTask], workers: int, work: Work, threads: int | None = None,
+               meanwhile: Callable[[], Any] | None = None) -> Iterator[PairResult]:
+    """Results of ``tasks`` run by ``work`` in ``workers`` supervised processes, one row at a time
+    (``meanwhile``: see :meth:`Supervisor._start_workers`)."""
+    yield from Supervisor(tasks, workers, work, threads, meanwhile)

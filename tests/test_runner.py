@@ -319,9 +319,27 @@ def test_workers_end_by_themselves_after_the_last_pair(tiny_table: Path):
     plan = make_plan(RunConfig(dataset=tiny_table, methods="identity", cache_enabled=False, device="cpu",
                                out=tiny_table.parent / "unused"))
     sup = Supervisor([plan.task(p, plan.specs) for p in plan.pairs], 2, run_pair, threads=1)
-    procs = [w.proc for w in sup.workers]
     assert len([r for res in sup for r in res.rows]) == len(plan.pairs)
-    assert [p.exitcode for p in procs] == [0, 0]
+    assert sup.exit_codes == [0, 0]
+
+
+@pytest.mark.parametrize("workers,threads", [(1, None), (2, 1)])
+def test_reference_workload_gets_a_core_of_its_own(tiny_table: Path, monkeypatch, workers, threads):
+    """The runner's reference workload runs while the workers start, but only beside workers that leave it a
+    core: on 2 cores, one single-threaded worker of two; never beside a serial run's worker (all cores)."""
+    from bench import supervise
+    from bench.plan import make_plan
+    from bench.work import run_pair
+
+    monkeypatch.setattr(supervise.os, "cpu_count", lambda: 2)
+    plan = make_plan(RunConfig(dataset=tiny_table, methods="identity", cache_enabled=False, device="cpu",
+                               out=tiny_table.parent / "unused"))
+    seen = []
+    sup = supervise.Supervisor([plan.task(p, plan.specs) for p in plan.pairs], workers, run_pair, threads,
+                               meanwhile=lambda: seen.append(len(sup.workers)))
+    rows = [r for res in sup for r in res.rows]
+    assert seen == [workers - 1]
+    assert sorted(r["pair_id"] for r in rows) == sorted(p.pair_id for p in plan.pairs)
 
 
 def test_a_plan_does_not_import_torch_when_no_gpu_can_be_there(tmp_path: Path):
