@@ -54,8 +54,6 @@ class Learned(Method):
     Params = LearnedParams
 
     def prepare(self, context: Context) -> None:
-        import torch
-
         from bench.learning.model import load_weights
 
         path = Path(self.params.weights) if self.params.weights else SHIPPED_WEIGHTS
@@ -65,8 +63,9 @@ class Learned(Method):
         trained = int(meta.get("data", {}).get("input_size", 448))
         self._input_size = self.params.input_size or trained
         self._weights = str(path)
-        if self._device == "cpu":
-            torch.use_deterministic_algorithms(True, warn_only=True)
+        # no torch.use_deterministic_algorithms: the forward pass on CPU (convolutions, group norms, pooling,
+        # linear layers) is deterministic already (tested), the flag is global to the process, and in torch
+        # 2.13 setting it imports torch._inductor: about 2 s of every worker's start
 
     def estimate(self, fixed: ImageView, moving: ImageView, context: Context) -> Estimate:
         from bench.learning.data import common_canvas, common_view, input_scales, resize
