@@ -365,10 +365,17 @@ def _wait_for_rows(out: Path, n: int, proc, limit_s: float = 90) -> None:
     raise AssertionError("the run did not store rows in time")
 
 
+def _as_in_a_terminal() -> None:
+    """Ctrl-C handled as in a terminal's foreground job, even when these tests run in a background job of a
+    shell (which starts it, and so everything it starts, with SIGINT ignored, as Python then leaves it)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(tiny_table, out, faulty, *extra):
     cmd = [sys.executable, "-m", "bench", "run", "--dataset", str(tiny_table), "--out", str(out), "--no-cache",
            "--device", "cpu", "--plugin", faulty[0], "--methods", "identity,fault-sleepy", *extra]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=_as_in_a_terminal)  # noqa: PLW1509 - a fresh child of a test, no threads
 
 
 def test_killed_parent_takes_its_workers_along(tiny_table, tmp_path, faulty):
