@@ -112,18 +112,19 @@ def _nbytes(prepared: PreparedPair) -> int:
 def _prepare(task: PairTask, full: bool) -> tuple[PreparedPair, float, bool]:
     """Run (or fetch from this process's memory, or from the disk cache) one preprocessing stage; returns
     (prepared, compute seconds, cached) exactly as the first preparation of the pair returned them."""
+    if not task.split:
+        return _prepare_now(task, full)
     try:
-        files = tuple((str(f), os.stat(f).st_size, os.stat(f).st_mtime_ns)
-                      for f in (task.pair.source_image, task.pair.target_image))
+        stats = [os.stat(f) for f in (task.pair.source_image, task.pair.target_image)]
     except (OSError, TypeError, ValueError):
         return _prepare_now(task, full)  # a missing file: the stage says what is wrong
+    files = tuple((str(f), st.st_size, st.st_mtime_ns)
+                  for f, st in zip((task.pair.source_image, task.pair.target_image), stats, strict=True))
     key = (files, task.preprocess, full, task.cache_enabled, task.cache_dir)
     if key in _PREPARED:
         _PREPARED.move_to_end(key)
         return _PREPARED[key]
     out = _prepare_now(task, full)
-    if not task.split:
-        return out
     _PREPARED[key] = out
     while len(_PREPARED) > PREPARED_KEEP or (
             len(_PREPARED) > 1 and sum(_nbytes(v[0]) for v in _PREPARED.values()) > PREPARED_MAX_BYTES):
