@@ -42,10 +42,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-import cv2
 import numpy as np
 
-from bench import quality, registry
+from bench import imaging, quality, registry
 from bench.method import Context, Estimate, ImageView, Method, RegistrationFailed
 from bench.timing import CallTimeout, timed
 
@@ -190,27 +189,6 @@ def _flat(op: str, parts: list[Node]) -> Node:
 # running
 
 
-def warp_view(view: ImageView, matrix: np.ndarray, shape: tuple[int, int]) -> ImageView:
-    """``view`` warped by ``matrix`` (its pixels -> the target frame) onto a ``shape`` canvas.
-
-    Image and colour bilinear (image 0 outside, colour the glass: the median colour outside the tissue),
-    mask and field of view nearest (nothing outside). The field of view is ``None`` when it covers everything.
-    """
-    h, w = shape
-    m2 = np.asarray(matrix, dtype=np.float64)[:2]
-    image = cv2.warpAffine(np.asarray(view.image, np.float32), m2, (w, h), flags=cv2.INTER_LINEAR, borderValue=0)
-    mask = cv2.warpAffine(view.mask.astype(np.uint8), m2, (w, h), flags=cv2.INTER_NEAREST, borderValue=0) > 0
-    rgb = None
-    if view.rgb is not None:
-        outside = view.rgb[~view.mask] if not view.mask.all() else view.rgb.reshape(-1, 3)
-        glass = np.median(outside[:: max(1, len(outside) // 20000)], axis=0) if len(outside) else (255, 255, 255)
-        rgb = cv2.warpAffine(view.rgb, m2, (w, h), flags=cv2.INTER_LINEAR,
-                             borderValue=tuple(float(v) for v in glass))
-    valid_src = np.ones(view.shape, np.uint8) if view.valid is None else view.valid.astype(np.uint8)
-    valid = cv2.warpAffine(valid_src, m2, (w, h), flags=cv2.INTER_NEAREST, borderValue=0) > 0
-    return ImageView(image=image, mask=mask, rgb=rgb, valid=None if valid.all() else valid)
-
-
 @dataclass
 class Outcome:
     """What one node of the expression gave: a working-frame matrix (None: failed) and its record."""
@@ -269,7 +247,7 @@ class _Runner:
         diagnostics: dict[str, Any] = {}
         for k, child in enumerate(node.children):
             if k > 0:
-                current = warp_view(moving, total, fixed.shape)
+                current = imaging.warp_view(moving, total, fixed.shape)
             out = self.run(child, fixed, current, ctx)
             steps.append(out.record)
             if out.matrix is None:
@@ -485,5 +463,4 @@ def composite_class(expression: str) -> type[Composite]:
     return _CLASSES[canonical]
 
 
-__all__ = ["Composite", "CompositionError", "DEFAULT_ACCEPT", "composite_class", "is_expression", "parse",
-           "warp_view"]
+__all__ = ["Composite", "CompositionError", "DEFAULT_ACCEPT", "composite_class", "is_expression", "parse"]

@@ -62,7 +62,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from bench import geometry
+from bench import geometry, imaging
 from bench.method import Context, Estimate, ImageView, Method, make_params
 from bench.preprocess import PreparedPair, PreprocessParams, prepare_pair
 
@@ -130,22 +130,6 @@ class _Scene:
     expected: np.ndarray  # ... and where they belong in the fixed frame
 
 
-def _warp_view(view: ImageView, a: np.ndarray) -> ImageView:
-    """The view as a moving image whose points ``p`` belong at ``a @ p`` of ``view`` (moving(p) = view(a p))."""
-    h, w = view.shape
-    flags = cv2.WARP_INVERSE_MAP
-    m = np.asarray(a[:2], np.float64)
-    image = cv2.warpAffine(view.image, m, (w, h), flags=cv2.INTER_LINEAR | flags, borderValue=0)
-    mask = cv2.warpAffine(view.mask.astype(np.uint8), m, (w, h), flags=cv2.INTER_NEAREST | flags) > 0
-    rgb = None
-    if view.rgb is not None:
-        fill = tuple(int(v) for v in np.median(view.rgb[~view.mask], axis=0)) if (~view.mask).any() else 0
-        rgb = cv2.warpAffine(view.rgb, m, (w, h), flags=cv2.INTER_LINEAR | flags, borderValue=fill)
-    inside = np.ones((h, w), np.uint8) if view.valid is None else view.valid.astype(np.uint8)
-    valid = cv2.warpAffine(inside, m, (w, h), flags=cv2.INTER_NEAREST | flags) > 0
-    return ImageView(image=image, mask=mask, rgb=rgb, valid=valid)
-
-
 def _landmarks_working(prepared: PreparedPair) -> np.ndarray:
     """The pair's target landmarks in the fixed working frame."""
     return geometry.apply(geometry.resample_matrix(*prepared.target_scale), _generated().target_landmarks)
@@ -165,7 +149,12 @@ def _direct_scene(full: bool, kind: str) -> _Scene:
         a = geometry.translation(0.02 * w, 0.02 * h) @ geometry.rotation(6.0, ((w - 1) / 2, (h - 1) / 2))
     else:
         raise ValueError(kind)
-    moving = copy.deepcopy(fixed) if kind == "identical" else _warp_view(fixed, a)
+    if kind == "identical":
+        moving = copy.deepcopy(fixed)
+    else:  # moving(p) = fixed(a p); the colour outside is the median glass colour, to whole levels
+        outside = fixed.rgb is not None and (~fixed.mask).any()
+        fill = tuple(int(v) for v in np.median(fixed.rgb[~fixed.mask], axis=0)) if outside else 0
+        moving = imaging.warp_view(fixed, a, fixed.shape, glass=fill, inverse=True)
     frame = dataclasses.replace(prepared, source_scale=prepared.target_scale, source_pre=np.eye(3),
                                 source_shape=prepared.target_shape)
     expected = _landmarks_working(prepared)
@@ -287,7 +276,7 @@ def check_returns_affine(cls: type[Method]) -> str:
     if m.shape != (3, 3) or not np.all(np.isfinite(m)) or not np.allclose(m[2], [0, 0, 1]):
         raise ConformanceError(f"not a finite 3x3 affine matrix: {m.tolist()}")
     det = float(np.linalg.det(m[:2, :2]))
-    if not abs(det) > 1e-6:
+    if imaging.matrix_defect(m, imaging.CONTRACT_MIN_DET):
         raise ConformanceError(f"the matrix is singular (det {det:.2e})")
     if not isinstance(est.diagnostics, dict):
         raise ConformanceError(f"diagnostics must be a dict, got {type(est.diagnostics).__name__}")

@@ -17,6 +17,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from bench import imaging
 from bench.method import RegistrationFailed
 
 
@@ -95,17 +96,6 @@ def band_pass(image: np.ndarray, sigma: float) -> np.ndarray:
     return cv2.GaussianBlur(img, (0, 0), sigma) - cv2.GaussianBlur(img, (0, 0), 4 * sigma)
 
 
-def _rank_mi(a: np.ndarray, b: np.ndarray, bins: int) -> float:
-    """Mutual information (nats) of two (N,) samples after equal-frequency (rank) binning of each."""
-    qa = np.searchsorted(np.quantile(a, np.linspace(0, 1, bins + 1)[1:-1]), a)
-    qb = np.searchsorted(np.quantile(b, np.linspace(0, 1, bins + 1)[1:-1]), b)
-    joint = np.bincount(qa * bins + qb, minlength=bins * bins).reshape(bins, bins).astype(np.float64)
-    joint /= joint.sum()
-    pa, pb = joint.sum(1, keepdims=True), joint.sum(0, keepdims=True)
-    nz = joint > 0
-    return float((joint[nz] * np.log(joint[nz] / (pa @ pb)[nz])).sum())
-
-
 def alignment_evidence(
     fixed_image: np.ndarray,
     fixed_mask: np.ndarray,
@@ -147,9 +137,9 @@ def alignment_evidence(
     step = max(1, len(ys) // max_samples)
     ys, xs = ys[::step], xs[::step]
     f = band_pass(fixed_image, sigma)[ys, xs]
-    mi = _rank_mi(f, warped[ys, xs], bins)
+    mi = imaging.rank_mi(f, warped[ys, xs], bins)
     shifts = [(dx, dy) for dx in (-d, 0, d) for dy in (-d, 0, d) if dx or dy]
-    mi_shifted = max(_rank_mi(f, warped[ys + dy, xs + dx], bins) for dx, dy in shifts)
+    mi_shifted = max(imaging.rank_mi(f, warped[ys + dy, xs + dx], bins) for dx, dy in shifts)
     return {"mi": mi, "mi_shifted": mi_shifted, "contrast": mi / mi_shifted if mi_shifted > 0 else 0.0}
 
 
@@ -201,7 +191,7 @@ def quality_terms(fixed: Any, moving: Any, matrix: np.ndarray, *, size: int = QU
     m = np.asarray(matrix, dtype=np.float64)
     if m.shape == (2, 3):
         m = np.vstack([m, [0.0, 0.0, 1.0]])
-    if m.shape != (3, 3) or not np.all(np.isfinite(m)) or abs(np.linalg.det(m[:2, :2])) < 1e-12:
+    if imaging.matrix_defect(m, imaging.INVERTIBLE_MIN_DET):
         return out
     factor = min(1.0, size / max(fixed.image.shape))
     r = _shrink_matrix(factor)
@@ -243,27 +233,14 @@ def quality_terms(fixed: Any, moving: Any, matrix: np.ndarray, *, size: int = QU
     for sigma in scales:
         fb = _masked_band_pass(f_img, f_mask, sigma)[ys, xs]
         wb = _masked_band_pass(w_img, w_mask, sigma)
-        qa = _rank_bins(fb, bins)
-        edges = np.quantile(wb[ys, xs], np.linspace(0, 1, bins + 1)[1:-1])
-        mi = _binned_mi(qa, np.searchsorted(edges, wb[ys, xs]), bins)
-        moved = [_binned_mi(qa[ok], np.searchsorted(edges, wb[yi[ok], xi[ok]]), bins) for xi, yi, ok in where]
+        qa = imaging.rank_bins(fb, bins)
+        edges = imaging.rank_edges(wb[ys, xs], bins)
+        mi = imaging.binned_mi(qa, np.searchsorted(edges, wb[ys, xs]), bins)
+        moved = [imaging.binned_mi(qa[ok], np.searchsorted(edges, wb[yi[ok], xi[ok]]), bins)
+                 for xi, yi, ok in where]
         best = max(moved, default=0.0)
         out[f"contrast_{sigma:g}"] = float(mi / best) if best > 0 else 0.0
     return out
-
-
-def _rank_bins(v: np.ndarray, bins: int) -> np.ndarray:
-    """Equal-frequency bin index (0 .. bins - 1) of each value of a (N,) sample."""
-    return np.searchsorted(np.quantile(v, np.linspace(0, 1, bins + 1)[1:-1]), v)
-
-
-def _binned_mi(qa: np.ndarray, qb: np.ndarray, bins: int) -> float:
-    """Mutual information (nats) of two (N,) bin-index samples."""
-    joint = np.bincount(qa * bins + qb, minlength=bins * bins).reshape(bins, bins).astype(np.float64)
-    joint /= max(joint.sum(), 1.0)
-    pa, pb = joint.sum(1, keepdims=True), joint.sum(0, keepdims=True)
-    nz = joint > 0
-    return float((joint[nz] * np.log(joint[nz] / (pa @ pb)[nz])).sum())
 
 
 def alignment_quality(fixed: Any, moving: Any, matrix: np.ndarray) -> float:

@@ -29,7 +29,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from bench import geometry, metrics, quality, registry
+from bench import geometry, imaging, metrics, quality, registry
 from bench.datasets.anhir import LandmarkError, Pair, read_landmarks
 from bench.method import Context, ImageView, Method, RegistrationFailed
 from bench.plan import MethodSpec, PairTask
@@ -178,15 +178,6 @@ def check_inputs(pair: Pair, prepared: PreparedPair, src: np.ndarray | None, tgt
 
 class _BadAnswer(Exception):
     """The method returned, but its answer is unusable (singular or non-finite matrix, diagnostics not JSON)."""
-
-
-def _matrix_problem(m: np.ndarray) -> str | None:
-    if m.shape != (3, 3) or not np.all(np.isfinite(m)):
-        return "the method returned a non-finite matrix"
-    det = float(np.linalg.det(m[:2, :2]))
-    if not math.isfinite(det) or abs(det) < 1e-9:
-        return f"the method returned a singular matrix (determinant {det:g})"
-    return None
 
 
 def _score(row: dict[str, Any], task: PairTask, prepared: PreparedPair, matrix: np.ndarray,
@@ -338,7 +329,9 @@ def _run_method(
             matrix, working = estimate.matrix, prepared.to_working(estimate.matrix)
         else:
             matrix, working = prepared.to_original(estimate.matrix), estimate.matrix
-        problem = _matrix_problem(np.asarray(estimate.matrix, dtype=float)) or _matrix_problem(matrix)
+        defect = (imaging.matrix_defect(estimate.matrix, imaging.HARNESS_MIN_DET)
+                  or imaging.matrix_defect(matrix, imaging.HARNESS_MIN_DET))
+        problem = f"the method returned a {defect}" if defect else None
         try:
             diagnostics = json.loads(json.dumps(jsonable(dict(estimate.diagnostics)), allow_nan=True))
         except (TypeError, ValueError) as exc:

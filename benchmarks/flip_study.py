@@ -44,6 +44,7 @@ from frame_cut_pairs import move_on_canvas  # noqa: E402 - a sibling script (ben
 
 from bench import geometry
 from bench import preprocess as pre
+from bench.preprocess.images import load_both
 
 CONFIG = GeneratorConfig(size=800, scale_range=(0.85, 1.2), max_shear=0.08, n_landmarks=30)
 
@@ -147,7 +148,7 @@ def branch_matrix(branch: dict, c_src, c_tgt, flipped: bool) -> np.ndarray:
 
 def measure_pair(pair, params: pre.PreprocessParams) -> dict:
     """Both branches of one pair: NCC, rTRE if chosen, and the decision measures of ``pre``."""
-    a, b, _ = pre._both(Path(pair.source_image), Path(pair.target_image), params, True)
+    a, b, _ = load_both(Path(pair.source_image), Path(pair.target_image), params, True)
     hint = None
     if params.scale_hint and not (a.info["fallback"] or b.info["fallback"]):
         areas = [x.view.mask.size * x.info["coverage"] for x in (a, b)]

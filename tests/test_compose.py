@@ -20,7 +20,8 @@ from bench import (
     quality,
     registry,
 )
-from bench.compose import CompositionError, parse, warp_view
+from bench.compose import CompositionError, parse
+from bench.imaging import warp_view
 
 # ----------------------------------------------------------------------------------------------------
 # tiny test methods, registered for this module only
