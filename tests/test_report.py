@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import subprocess
 import tempfile
@@ -375,7 +376,26 @@ def test_gallery_files_show_the_worst_pairs(report, run_dir):
 
 
 def chromium() -> str | None:
-    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    """The browser that renders the report page; in CI (``CI`` set, where ``.ci/run`` installs Chromium) a
+    missing browser fails the test instead of skipping it, so the page is rendered in every CI run."""
+    exe = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if exe is None and os.environ.get("CI"):
+        pytest.fail("CI is set but no Chromium was found: .ci/run installs it (apt-get install chromium)")
+    return exe
+
+
+def render(page_path: Path, shot: Path, size: tuple[int, int]) -> list[str]:
+    """Screenshot ``page_path`` in headless Chromium; returns every message the page wrote to the console (the
+    report has no script: any message is an error, e.g. an uncaught exception or a resource that failed)."""
+    exe = chromium()
+    if exe is None:
+        pytest.skip("chromium not installed (apt-get install chromium) - cannot render report.html")
+    cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           "--enable-logging=stderr", "--v=0", f"--user-data-dir={tempfile.mkdtemp()}",
+           f"--screenshot={shot}", f"--window-size={size[0]},{size[1]}", page_path.resolve().as_uri()]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+    return [line for line in proc.stderr.splitlines() if ":CONSOLE" in line]
 
 
 def test_report_html_has_every_section_and_renders(report):
@@ -388,16 +408,17 @@ def test_report_html_has_every_section_and_renders(report):
         assert f"<td>{method}</td>" in text
 
 
+def test_render_hears_console_errors(tmp_path):
+    page_path = tmp_path / "broken.html"
+    page_path.write_text("<html><body><p>x</p><script>console.error('boom'); notDefined();</script></body></html>")
+    errors = render(page_path, tmp_path / "broken.png", (300, 200))
+    assert any("boom" in e for e in errors) and any("notDefined" in e for e in errors)
+
+
 def test_report_html_screenshot_in_headless_chromium(report, tmp_path):
-    exe = chromium()
-    if exe is None:
-        pytest.skip("chromium not installed (apt-get install chromium) - cannot render report.html")
     shot = tmp_path / "shot.png"
-    cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           f"--user-data-dir={tempfile.mkdtemp()}", f"--screenshot={shot}", "--window-size=1400,3000",
-           report.resolve().as_uri()]  # fmt: skip
-    subprocess.run(cmd, capture_output=True, timeout=120, check=False)
+    errors = render(report, shot, (1400, 3000))
+    assert errors == []
     assert _nonblank_png(shot)
     img = cv2.imread(str(shot))
     assert img.shape[:2] == (3000, 1400)
@@ -528,13 +549,9 @@ def test_generated_data_is_said_in_titles_and_summaries(run_dir, report, tmp_pat
     assert "GENERATED DATA" in md
     for fmt in ("md", "tex", "html"):
         assert "GENERATED DATA" in (page_path.parent / "tables" / f"table1.{fmt}").read_text(), fmt
-    exe = chromium()
-    if exe is not None:  # rendered, the page shows the red "generated data" box (the .warn border colour)
+    if chromium() is not None:  # rendered, the page shows the red "generated data" box (the .warn border colour)
         shot = tmp_path / "shot.png"
-        subprocess.run([exe, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                        f"--user-data-dir={tempfile.mkdtemp()}", f"--screenshot={shot}", "--window-size=1200,900",
-                        page_path.resolve().as_uri()], capture_output=True, timeout=120, check=False)  # fmt: skip
+        assert render(page_path, shot, (1200, 900)) == []
         assert _pixels_near(shot, (0xC6 / 255, 0x28 / 255, 0x28 / 255), tol=8) > 300
     # a table written by the generator is recognised by its tissue names, without the manifest flag
     from bench.report.load import generated_reason
