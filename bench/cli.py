@@ -175,7 +175,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 def _list_one(name: str, out: Console) -> int:
     import textwrap
 
-    from bench import registry
+    from bench import factory, registry
     from bench.method import describe_params
 
     if name == "preprocess":
@@ -185,7 +185,7 @@ def _list_one(name: str, out: Console) -> int:
         _print_params(out, describe_params(PreprocessParams), "preprocess")
         return 0
     try:
-        cls = registry.get(name)
+        cls = factory.resolve(name)
     except registry.UnknownMethodError as exc:
         return fail(exc)
     width = max(40, out.width)
@@ -230,11 +230,11 @@ def cmd_check(args: argparse.Namespace) -> int:
     """``check NAME``: run every contract check (bench.conformance) on one method, one line per check."""
     from rich.text import Text
 
-    from bench import conformance, registry
+    from bench import conformance, factory, registry
 
     try:
         registry.discover(tuple(args.plugin))
-        cls = registry.get(args.name)
+        cls = factory.resolve(args.name)
     except registry.UnknownMethodError as exc:  # also a PluginError
         return fail(exc)
     out = Console(soft_wrap=True)  # one line per check, whatever the terminal's width
