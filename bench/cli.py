@@ -1,4 +1,6 @@
-"""Command line: ``python -m bench run|list|report|export-anhir|train|cache``."""
+"""Command line: ``python -m bench COMMAND``, COMMAND one of run, list, check, report, export-anhir,
+import-anhir, cache, make-large, train (``python -m bench COMMAND --help``: its options).
+"""
 
 from __future__ import annotations
 
@@ -175,7 +177,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 def _list_one(name: str, out: Console) -> int:
     import textwrap
 
-    from bench import registry
+    from bench import factory, registry
     from bench.method import describe_params
 
     if name == "preprocess":
@@ -185,7 +187,7 @@ def _list_one(name: str, out: Console) -> int:
         _print_params(out, describe_params(PreprocessParams), "preprocess")
         return 0
     try:
-        cls = registry.get(name)
+        cls = factory.resolve(name)
     except registry.UnknownMethodError as exc:
         return fail(exc)
     width = max(40, out.width)
@@ -230,11 +232,11 @@ def cmd_check(args: argparse.Namespace) -> int:
     """``check NAME``: run every contract check (bench.conformance) on one method, one line per check."""
     from rich.text import Text
 
-    from bench import conformance, registry
+    from bench import conformance, factory, registry
 
     try:
         registry.discover(tuple(args.plugin))
-        cls = registry.get(args.name)
+        cls = factory.resolve(args.name)
     except registry.UnknownMethodError as exc:  # also a PluginError
         return fail(exc)
     out = Console(soft_wrap=True)  # one line per check, whatever the terminal's width
@@ -321,6 +323,8 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # Declaring the commands imports none of their code: each command imports what it needs when it runs, so
+    # --help, list, report ... never import torch (tests/test_structure.py).
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show the traceback of a fatal error")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -353,20 +357,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("folder", type=Path)
     p.add_argument("--long-side", type=int, default=16000)
     p = sub.add_parser("train", help="train the learned method's network (unsupervised)")
-    try:
-        from bench.learning import train
+    from bench.learning import config  # the options only: torch is imported when training runs
 
-        train.add_arguments(p)
-    except ImportError as exc:  # torch missing: the command explains itself
-        p.set_defaults(_train_error=str(exc))
+    config.add_arguments(p)
     return parser
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    if getattr(args, "_train_error", None):
-        return fail(f"training needs torch: {args._train_error}")
-    from bench.learning import train
-
+    try:
+        from bench.learning import train
+    except ImportError as exc:  # torch missing: the command explains itself
+        return fail(f"training needs torch: {exc}")
     return int(train.run(args) or 0)
 
 

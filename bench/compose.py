@@ -1,16 +1,11 @@
 """Composed methods: fallback chains and refinements of registered methods, declared by an expression.
 
-An expression names registered methods joined by two operators (``docs/compose.md``)::
-
-    expr   := chain ( "|" chain )*      fallback: run the alternatives in order, keep the first accepted result
-    chain  := term ( ">" term )*        refinement: each step runs on the pair as aligned by the steps before it
-    term   := NAME | "(" expr ")"
-
-``>`` binds tighter than ``|``: ``learned>iterative|sift|preprocessed`` is ``(learned>iterative)|sift|preprocessed``.
-There are no commas, so an expression is one item of ``--methods`` (``--methods 'sift|iterative,sift'``); quote
-it in a shell. Spaces are ignored; the canonical form (the method's name in every row) has none and keeps
-parentheses only where precedence needs them (``(sift|surf)>iterative``). ``(a|b)|c`` is ``a|b|c`` and
-``(a>b)>c`` is ``a>b>c``.
+An expression (``A|B`` fallback, ``A>B`` refinement, parentheses; ``docs/compose.md``) is parsed by
+:mod:`bench.expression`; this module runs it. :func:`bench.factory.resolve` turns a composed name into its class
+(:func:`composite_class`); a class may also declare one (``methods/cascade.py``). A composite's members are
+looked up in the registry when first needed (its parameters, version, devices or availability are read, or it is
+built), never while the class is made, so a composite can be declared in a method file the registry is still
+importing.
 
 **Fallback** ``a|b|c``: each alternative runs in turn on the same pair. Its result is *accepted* when it did not
 raise :class:`~bench.method.RegistrationFailed` and its landmark-free quality
@@ -45,144 +40,15 @@ from typing import Any, ClassVar
 import numpy as np
 
 from bench import imaging, quality, registry
+from bench.expression import CompositionError, Node, describe, parse
 from bench.method import Context, Estimate, ImageView, Method, RegistrationFailed
 from bench.timing import CallTimeout, timed
 
 COMPOSE_VERSION = "1"
-OPERATORS = "|>()"
 # Quality (bench.quality.alignment_quality) a fallback alternative's result needs to be accepted. Chosen on
 # generated data (benchmarks/cascade_study.py, docs/compose.md).
 DEFAULT_ACCEPT = 1.3
 _OWN_PARAMS = ("accept", "refuse_below")
-
-
-class CompositionError(registry.UnknownMethodError):
-    """A composition expression that cannot be built (syntax, unknown member, unsuitable member)."""
-
-
-# ----------------------------------------------------------------------------------------------------
-# parsing
-
-
-@dataclass(frozen=True)
-class Node:
-    """A parsed expression: ``op`` is ``"name"`` (a leaf), ``"|"`` (fallback) or ``">"`` (refinement)."""
-
-    op: str
-    name: str = ""
-    children: tuple[Node, ...] = ()
-
-    def label(self) -> str:
-        """The canonical text: no spaces, parentheses only where precedence needs them."""
-        if self.op == "name":
-            return self.name
-        if self.op == "|":
-            return "|".join(c.label() for c in self.children)
-        return ">".join(f"({c.label()})" if c.op == "|" else c.label() for c in self.children)
-
-    def leaves(self) -> list[str]:
-        """Member method names, in order of first appearance, without repeats."""
-        if self.op == "name":
-            return [self.name]
-        return list(dict.fromkeys(n for c in self.children for n in c.leaves()))
-
-    def versioned(self, versions: dict[str, str]) -> str:
-        """:meth:`label` with each leaf as ``name@version``."""
-        if self.op == "name":
-            return f"{self.name}@{versions[self.name]}"
-        if self.op == "|":
-            return "|".join(c.versioned(versions) for c in self.children)
-        return ">".join(f"({c.versioned(versions)})" if c.op == "|" else c.versioned(versions) for c in self.children)
-
-
-_TOKEN = re.compile(r"\s*(?:([|>()])|([^\s|>()]+))")
-
-
-def is_expression(text: str) -> bool:
-    """True when ``text`` uses a composition operator (``|``, ``>``, parentheses)."""
-    return any(ch in text for ch in OPERATORS)
-
-
-def parse(text: str) -> Node:
-    """Parse an expression into a :class:`Node` tree (precedence: ``>`` before ``|``).
-
-    >>> parse("learned>iterative|sift|preprocessed").label()
-    'learned>iterative|sift|preprocessed'
-    >>> [c.label() for c in parse("learned>iterative|sift").children]
-    ['learned>iterative', 'sift']
-    >>> parse("(sift | surf) > iterative").label()
-    '(sift|surf)>iterative'
-    >>> parse("(a|b)|c").label(), parse("a>(b>c)").label()
-    ('a|b|c', 'a>b>c')
-    """
-    tokens: list[tuple[str, int]] = []
-    pos = 0
-    text = str(text)
-    while pos < len(text):
-        m = _TOKEN.match(text, pos)
-        if m is None:  # only trailing whitespace is left
-            break
-        tokens.append((m.group(1) or m.group(2), m.start(1) if m.group(1) else m.start(2)))
-        pos = m.end()
-    if not tokens:
-        raise CompositionError(f"empty composition expression {text!r}")
-    i = 0
-
-    def where(k: int) -> str:
-        return f"at position {tokens[k][1]}" if k < len(tokens) else "at the end"
-
-    def fail(k: int, what: str) -> CompositionError:
-        return CompositionError(f"bad composition expression {text!r}: {what} {where(k)} "
-                                f"(syntax: NAME, A|B fallback, A>B refinement, parentheses; see docs/compose.md)")
-
-    def expr() -> Node:
-        nonlocal i
-        parts = [chain()]
-        while i < len(tokens) and tokens[i][0] == "|":
-            i += 1
-            parts.append(chain())
-        return _flat("|", parts)
-
-    def chain() -> Node:
-        nonlocal i
-        parts = [term()]
-        while i < len(tokens) and tokens[i][0] == ">":
-            i += 1
-            parts.append(term())
-        return _flat(">", parts)
-
-    def term() -> Node:
-        nonlocal i
-        if i >= len(tokens):
-            raise fail(i, "a method name is missing")
-        tok = tokens[i][0]
-        if tok == "(":
-            i += 1
-            inner = expr()
-            if i >= len(tokens) or tokens[i][0] != ")":
-                raise fail(i, "')' expected")
-            i += 1
-            return inner
-        if tok in "|>)":
-            raise fail(i, f"a method name is missing before {tok!r}")
-        if "," in tok:
-            raise fail(i, "commas separate methods in --methods and cannot appear inside an expression")
-        i += 1
-        return Node("name", tok)
-
-    tree = expr()
-    if i < len(tokens):
-        raise fail(i, f"unexpected {tokens[i][0]!r}")
-    return tree
-
-
-def _flat(op: str, parts: list[Node]) -> Node:
-    if len(parts) == 1:
-        return parts[0]
-    children: list[Node] = []
-    for p in parts:
-        children.extend(p.children if p.op == op else (p,))
-    return Node(op, children=tuple(children))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -333,47 +199,53 @@ def parse_member_params(text: str, owner: str) -> dict[str, str]:
     return out
 
 
+class _FromMembers:
+    """A class attribute of a :class:`Composite` computed from its member classes (``member_classes``,
+    ``version``, ``devices``, ``requires``): the members are looked up in the registry on the first read."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.attr = name
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        return (owner or type(obj))._resolved()[self.attr]
+
+
 class Composite(Method):
     """A method made of registered methods by an expression (module docstring, ``docs/compose.md``).
 
     Subclasses set ``expression`` (and may set ``name`` and ``defaults``: default values of the composite's
-    parameters, e.g. ``{"accept": 1.4, "sift": "detect_size=384"}``); the class then gets its members,
-    ``Params``, ``version``, ``devices`` and ``requires`` from them. :func:`composite_class` makes one for any
-    expression, named by the expression itself.
+    parameters, e.g. ``{"accept": 1.4, "sift": "detect_size=384"}``); the class then gets its ``Params`` from
+    the expression, and its members, ``version``, ``devices`` and ``requires`` from the member classes, looked
+    up in the registry on first use (:class:`CompositionError` then when a member is unknown or unsuitable).
+    :func:`composite_class` makes one for any expression, named by the expression itself.
     """
 
     expression: ClassVar[str] = ""
     defaults: ClassVar[dict[str, Any]] = {}
     tree: ClassVar[Node]
-    member_classes: ClassVar[dict[str, type[Method]]] = {}
     uses_preprocessing = True
+    member_classes = _FromMembers()
+    version = _FromMembers()
+    devices = _FromMembers()
+    requires = _FromMembers()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if not cls.expression:
             raise TypeError(f"{cls.__qualname__}: a Composite needs an expression")
+        derived = sorted(set(vars(cls)) & {"member_classes", "version", "devices", "requires", "Params"})
+        if derived:
+            raise TypeError(f"{cls.__qualname__}: {', '.join(derived)} of a Composite come from its members")
         cls.tree = parse(cls.expression)
         if not cls.name:
             cls.name = cls.tree.label()
-        members: dict[str, type[Method]] = {}
-        for leaf in cls.tree.leaves():
-            if leaf == cls.name:
-                raise CompositionError(f"{cls.name!r} cannot be a member of itself")
-            try:
-                member = registry.get(leaf)
-            except registry.UnknownMethodError as exc:
-                raise CompositionError(f"in composition {cls.tree.label()!r}: {exc}") from None
-            if not member.uses_preprocessing:
-                raise CompositionError(
-                    f"{leaf!r} cannot be a member of a composition: it does not use the shared preprocessing and "
-                    f"answers in original pixels, so its matrix cannot be warped, refined or compared with the "
-                    f"others' (use 'preprocessed' for the preprocessing alone)")
-            members[leaf] = member
-        cls.member_classes = members
+        leaves = cls.tree.leaves()
+        if cls.name in leaves:
+            raise CompositionError(f"{cls.name!r} cannot be a member of itself")
         fields = [(n, float, dataclasses.field(default=float(cls.defaults.get(n, d))))
                   for n, d in (("accept", DEFAULT_ACCEPT), ("refuse_below", 0.0))]
         seen = dict.fromkeys(_OWN_PARAMS, "the composite's own parameter")
-        for leaf in members:
+        for leaf in leaves:
             key = member_field(leaf)
             if key in seen:
                 raise CompositionError(f"member {leaf!r}: its parameter name {key!r} clashes with {seen[key]}")
@@ -385,13 +257,39 @@ class Composite(Method):
         cls.Params = dataclasses.make_dataclass("CompositeParams", fields, frozen=True)
         cls.Params.__module__ = cls.__module__
         cls.Params.__doc__ = (f"Parameters of the composite {cls.name!r}: accept, refuse_below, and one "
-                              f"'param=value;...' string per member ({', '.join(members)}).")
-        cls.version = f"{COMPOSE_VERSION}[{cls.tree.versioned({n: m.version for n, m in members.items()})}]"
-        devices = ["cpu"] + [d for m in members.values() for d in m.devices]
-        cls.devices = tuple(dict.fromkeys(devices))
-        cls.requires = tuple(dict.fromkeys(r for m in members.values() for r in m.requires))
+                              f"'param=value;...' string per member ({', '.join(leaves)}).")
         if not cls.description:
             cls.description = f"Composition {cls.name}: {describe(cls.tree)}."
+
+    @classmethod
+    def _resolved(cls) -> dict[str, Any]:
+        """The attributes that come from the member classes, looked up in the registry once per class."""
+        done = cls.__dict__.get("_from_members")
+        if done is not None:
+            return done
+        if "tree" not in cls.__dict__:
+            raise AttributeError(f"{cls.__qualname__} has no expression, hence no members")
+        members: dict[str, type[Method]] = {}
+        for leaf in cls.tree.leaves():
+            try:
+                member = registry.get(leaf)
+            except registry.UnknownMethodError as exc:
+                raise CompositionError(f"in composition {cls.tree.label()!r}: {exc}") from None
+            if not member.uses_preprocessing:
+                raise CompositionError(
+                    f"{leaf!r} cannot be a member of a composition: it does not use the shared preprocessing and "
+                    f"answers in original pixels, so its matrix cannot be warped, refined or compared with the "
+                    f"others' (use 'preprocessed' for the preprocessing alone)")
+            members[leaf] = member
+        devices = ["cpu"] + [d for m in members.values() for d in m.devices]
+        done = {
+            "member_classes": members,
+            "version": f"{COMPOSE_VERSION}[{cls.tree.versioned({n: m.version for n, m in members.items()})}]",
+            "devices": tuple(dict.fromkeys(devices)),
+            "requires": tuple(dict.fromkeys(r for m in members.values() for r in m.requires)),
+        }
+        cls._from_members = done
+        return done
 
     def __init__(self, **params: Any) -> None:
         super().__init__(**params)
@@ -435,16 +333,6 @@ def _leaf_times(record: dict[str, Any]) -> list[float]:
     return [t for r in subs for t in _leaf_times(r)]
 
 
-def describe(node: Node) -> str:
-    """A short English description of an expression."""
-    if node.op == "name":
-        return node.name
-    if node.op == "|":
-        return "first accepted of " + ", ".join(f"({describe(c)})" if c.op != "name" else c.name
-                                                for c in node.children)
-    return " refined by ".join(f"({describe(c)})" if c.op != "name" else c.name for c in node.children)
-
-
 _CLASSES: dict[str, type[Composite]] = {}
 
 
@@ -458,9 +346,11 @@ def composite_class(expression: str) -> type[Composite]:
         raise CompositionError(f"{expression!r} is a single method, not a composition: name it without parentheses")
     canonical = tree.label()
     if canonical not in _CLASSES:
-        _CLASSES[canonical] = type(canonical, (Composite,), {
+        cls = type(canonical, (Composite,), {
             "expression": canonical, "__module__": __name__, "__qualname__": f"Composite[{canonical}]"})
+        cls._resolved()  # an unknown or unsuitable member is an error now, as the user names the expression
+        _CLASSES[canonical] = cls
     return _CLASSES[canonical]
 
 
-__all__ = ["Composite", "CompositionError", "DEFAULT_ACCEPT", "composite_class", "is_expression", "parse"]
+__all__ = ["COMPOSE_VERSION", "Composite", "DEFAULT_ACCEPT", "composite_class"]

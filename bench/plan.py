@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench import metrics, registry
+from bench import factory, metrics, registry
 from bench.datasets.anhir import DatasetError, Pair, load_table
 from bench.method import make_params
 from bench.preprocess import PreprocessParams
@@ -79,7 +79,7 @@ class MethodSpec:
     params: str = "{}"
 
     def build(self):
-        return registry.get(self.name)(**dict(self.overrides))
+        return factory.resolve(self.name)(**dict(self.overrides))
 
     def params_dict(self) -> dict[str, Any]:
         return json.loads(self.params)
@@ -229,7 +229,7 @@ def _specs(config: RunConfig) -> tuple[list[MethodSpec], dict[str, str], dict[st
     except Exception as exc:  # noqa: BLE001 - a plugin that does not import is one line
         raise RunError(f"--plugin: cannot import {', '.join(config.plugins)}: {type(exc).__name__}: {exc}") from None
     try:
-        selection = registry.select(config.methods)
+        selection = factory.select(config.methods)
     except registry.UnknownMethodError as exc:
         raise RunError(str(exc)) from None
     if not selection.chosen:
@@ -239,7 +239,7 @@ def _specs(config: RunConfig) -> tuple[list[MethodSpec], dict[str, str], dict[st
     pre_over = overrides.pop("preprocess", {})
     for owner in overrides:
         try:
-            registry.get(owner)
+            factory.resolve(owner)
         except registry.UnknownMethodError as exc:
             raise RunError(f"--set {owner}.*: {exc}") from None
         if owner not in chosen:

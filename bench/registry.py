@@ -1,9 +1,9 @@
-"""The method registry: methods register by name on import; the registry finds them.
+"""The method registry: a plain lookup of method classes by name, filled by registration and discovery.
 
-Every module in the ``bench.methods`` package (the project's ``methods/`` folder) is imported on first
-use, and each registers its class with :func:`register`. Methods from outside the project load as
-*plugins*, named on the command line (``--plugin``) or by an entry point of another installed package in
-the ``bench.methods`` group. A plugin is one of:
+Methods register by name with :func:`register` (a class decorator) when their module is imported.
+:func:`discover` imports, once, every module in the ``bench.methods`` package (the project's ``methods/``
+folder) and the entry points of other installed packages in the ``bench.methods`` group; methods from
+outside the project also load as *plugins*, named on the command line (``--plugin``). A plugin is one of:
 
 * a module name, ``my_package.my_methods`` (imported; also found in the current folder, as
   ``python -m`` would);
@@ -13,9 +13,13 @@ the ``bench.methods`` group. A plugin is one of:
   ``Class`` registered (decorating it with :func:`register` is then optional).
 
 A plugin the user names that cannot be loaded raises :class:`PluginError` (one line: which plugin, why);
-a broken entry point or built-in module only makes its methods *unavailable*, listed with the reason.
-Optional heavy dependencies (torch, mahotas ...) must be imported inside the method, not at module
-level, so a missing one makes the method *unavailable* instead of breaking the registry.
+a broken entry point or built-in module only makes its methods *unavailable*, listed with the reason
+(:func:`broken_modules`). Optional heavy dependencies (torch, mahotas ...) must be imported inside the
+method, not at module level, so a missing one makes the method *unavailable* instead of breaking the registry.
+
+:func:`get` knows registered names only. Composed names (``sift|iterative``) are parsed and built above the
+registry: :func:`bench.factory.resolve` and :func:`bench.factory.select` resolve every name the user gives.
+Of the project, this module imports only :mod:`bench.method` (and, in :func:`discover`, the method modules).
 """
 
 from __future__ import annotations
@@ -31,7 +35,6 @@ import pkgutil
 import re
 import sys
 import traceback
-from dataclasses import dataclass
 from pathlib import Path
 
 from bench.method import Method
@@ -54,7 +57,7 @@ class PluginError(UnknownMethodError):
     """A plugin the user named cannot be loaded; the message names the plugin and the cause, on one line.
 
     A subclass of :class:`UnknownMethodError`, so callers that turn registry errors into a clean error
-    line (``bench.runner.plan``) handle it too.
+    line (:func:`bench.plan.make_plan`, the ``list`` and ``check`` commands) handle it too.
     """
 
 
@@ -237,17 +240,17 @@ def _import(module: str) -> None:
 
 
 def names() -> list[str]:
+    """The registered names, sorted (composed names are not registered)."""
     discover()
     return sorted(_REGISTRY)
 
 
 def get(name: str) -> type[Method]:
-    """The method class registered as ``name``; unknown names raise with a did-you-mean hint."""
-    discover()
-    if name not in _REGISTRY and any(ch in name for ch in "|>()"):
-        from bench import compose  # a composition expression, e.g. "sift|iterative" (docs/compose.md)
+    """The method class registered as ``name``; unknown names raise with a did-you-mean hint.
 
-        return compose.composite_class(name)
+    A registered name only: a composed name is resolved by :func:`bench.factory.resolve`.
+    """
+    discover()
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -258,43 +261,7 @@ def get(name: str) -> type[Method]:
         ) from None
 
 
-@dataclass(frozen=True)
-class Selection:
-    chosen: list[type[Method]]
-    skipped: dict[str, str]  # name -> reason
-
-
-def select(spec: str) -> Selection:
-    """Resolve ``all`` or a comma-separated list of names.
-
-    ``all`` takes every available method and lists the others with their reasons; a named method that is
-    unavailable is an error, since the user asked for it explicitly.
-    """
-    discover()
-    skipped: dict[str, str] = {}
-    if spec.strip() == "all":
-        chosen = []
-        for n in sorted(_REGISTRY):
-            reason = _REGISTRY[n].unavailable_reason()
-            if reason:
-                skipped[n] = reason
-            else:
-                chosen.append(_REGISTRY[n])
-        skipped.update({m: f"failed to import: {err}" for m, err in _BROKEN.items()})
-        return Selection(chosen, skipped)
-    wanted = [s.strip() for s in spec.split(",") if s.strip()]
-    if not wanted:
-        raise UnknownMethodError("no method named: use --methods all or a comma-separated list")
-    chosen = []
-    for n in dict.fromkeys(wanted):
-        cls = get(n)
-        reason = cls.unavailable_reason()
-        if reason:
-            raise UnknownMethodError(f"method {n!r} is unavailable here: {reason}")
-        chosen.append(cls)
-    return Selection(chosen, skipped)
-
-
 def broken_modules() -> dict[str, str]:
+    """Modules and entry points that failed to import -> the error (their methods are unavailable)."""
     discover()
     return dict(_BROKEN)

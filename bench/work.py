@@ -29,7 +29,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from bench import geometry, imaging, metrics, quality, registry
+from bench import factory, geometry, imaging, metrics, quality, registry
 from bench.datasets.anhir import LandmarkError, Pair, read_landmarks
 from bench.method import Context, ImageView, Method, RegistrationFailed
 from bench.plan import MethodSpec, PairTask
@@ -221,7 +221,7 @@ def run_pair(task: PairTask, on_event: Event | None = None) -> PairResult:
 
     stages: dict[bool, tuple[PreparedPair, float, bool] | str] = {}
     for i, spec in enumerate(task.methods):
-        full = registry.get(spec.name).uses_preprocessing
+        full = factory.resolve(spec.name).uses_preprocessing
         if full not in stages:
             try:
                 stages[full] = _prepare(task, full)

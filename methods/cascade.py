@@ -12,12 +12,6 @@ replaces it and costs less (it works at 256 px), so the common case (sift accept
 
 from __future__ import annotations
 
-# the members register first (the registry imports method files in name order, cascade before them)
-import bench.methods.iterative  # noqa: F401
-import bench.methods.learned  # noqa: F401
-import bench.methods.preprocessed  # noqa: F401
-import bench.methods.sift  # noqa: F401
-
 from bench import register
 from bench.compose import Composite
 

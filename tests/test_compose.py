@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import cv2
@@ -16,11 +17,12 @@ from bench import (
     Method,
     RegistrationFailed,
     compose,
+    factory,
     geometry,
     quality,
     registry,
 )
-from bench.compose import CompositionError, parse
+from bench.expression import CompositionError, parse
 from bench.imaging import warp_view
 
 # ----------------------------------------------------------------------------------------------------
@@ -95,7 +97,7 @@ def views() -> tuple[ImageView, ImageView]:
 
 
 def run(expr: str, views, **params) -> Estimate:
-    method = registry.get(expr)(**params)
+    method = factory.resolve(expr)(**params)
     method.prepare(Context())
     return method.estimate(*views, Context())
 
@@ -135,37 +137,54 @@ def test_bad_syntax_names_the_problem(text, problem):
 
 def test_bad_members_name_the_problem():
     with pytest.raises(CompositionError, match="unknown method 'sfit'.*did you mean 'sift'"):
-        registry.get("sfit|iterative")
+        factory.resolve("sfit|iterative")
     with pytest.raises(CompositionError, match="'identity' cannot be a member"):
-        registry.get("identity|preprocessed")
+        factory.resolve("identity|preprocessed")
     with pytest.raises(CompositionError, match="single method"):
-        registry.get("(sift)")
+        factory.resolve("(sift)")
     with pytest.raises(registry.UnknownMethodError):  # what the runner turns into a clean RunError
-        registry.select("preprocessed,sift|nosuch")
+        factory.select("preprocessed,sift|nosuch")
 
 
 def test_composite_class_metadata():
-    cls = registry.get("t-good|t-fail>t-shift")
-    assert cls is registry.get(" t-good | t-fail > t-shift ")  # one class per canonical expression
+    cls = factory.resolve("t-good|t-fail>t-shift")
+    assert cls is factory.resolve(" t-good | t-fail > t-shift ")  # one class per canonical expression
     assert cls.name == "t-good|t-fail>t-shift"
     assert cls.version == "1[t-good@7|t-fail@7>t-shift@7]"
     assert cls.uses_preprocessing and cls.devices == ("cpu",)
     assert {f for f in cls.Params.__dataclass_fields__} == {"accept", "refuse_below", "t_good", "t_fail", "t_shift"}
     assert cls().params == cls.Params()
-    assert registry.select("t-good|t-fail,t-good").chosen[0].name == "t-good|t-fail"
-    assert "cuda" in registry.get("learned|sift").devices
-    assert set(registry.get("learned|iterative").requires) == {"torch", "SimpleITK"}
+    assert factory.select("t-good|t-fail,t-good").chosen[0].name == "t-good|t-fail"
+    assert "cuda" in factory.resolve("learned|sift").devices
+    assert set(factory.resolve("learned|iterative").requires) == {"torch", "SimpleITK"}
+
+
+def test_members_resolve_lazily_and_the_registry_knows_names_only():
+    class Early(compose.Composite):  # declared before its member exists, as a method file the registry imports
+        name = "t-early"
+        expression = "t-good|t-later"
+
+    assert Early.name == "t-early" and set(Early.Params.__dataclass_fields__) == {
+        "accept", "refuse_below", "t_good", "t_later"}
+    registry.register(_make("t-later", TEST_METHODS["t-good"]))
+    try:
+        assert Early.version == "1[t-good@7|t-later@7]" and Early.unavailable_reason() is None
+        assert set(Early().members) == {"t-good", "t-later"}
+    finally:
+        registry._REGISTRY.pop("t-later", None)
+    with pytest.raises(registry.UnknownMethodError, match=re.escape("unknown method 'sift|iterative'")):
+        registry.get("sift|iterative")  # composed names are resolved above the registry (bench.factory)
 
 
 def test_member_parameters():
-    m = registry.get("sift|iterative")(sift="ratio=0.8; gate=0.05", accept="1.5")
+    m = factory.resolve("sift|iterative")(sift="ratio=0.8; gate=0.05", accept="1.5")
     assert m.members["sift"].params.ratio == 0.8 and m.members["sift"].params.gate == 0.05
     assert m.members["iterative"].params == registry.get("iterative").Params()
     assert m.params.accept == 1.5
     with pytest.raises(ValueError, match="unknown parameter 'ratoi'.*did you mean 'ratio'"):
-        registry.get("sift|iterative")(sift="ratoi=0.8")
+        factory.resolve("sift|iterative")(sift="ratoi=0.8")
     with pytest.raises(ValueError, match="not PARAM=VALUE"):
-        registry.get("sift|iterative")(sift="ratio")
+        factory.resolve("sift|iterative")(sift="ratio")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -280,7 +299,7 @@ def _rtre(pair, prepared, matrix) -> float:
 def test_refinement_recovers_known_transform(generated_pair):
     pair, prepared = generated_pair
     pre = _rtre(pair, prepared, np.eye(3))
-    est = registry.get("preprocessed>iterative")().estimate(prepared.fixed, prepared.moving, Context())
+    est = factory.resolve("preprocessed>iterative")().estimate(prepared.fixed, prepared.moving, Context())
     assert _rtre(pair, prepared, est.matrix) < 0.01 < pre  # the scale and shear left by the preprocessing
     # refining a deliberately wrong start: iterative from a 2-degree turn still recovers the pair
     est = run("t-rot>iterative", (prepared.fixed, prepared.moving))

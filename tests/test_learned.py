@@ -144,10 +144,10 @@ def test_shipped_weights_give_a_finite_matrix():
 
 
 def test_train_command_checkpoints_and_resumes(tmp_path):
-    from bench.learning import train
+    from bench.learning import config, train
 
     parser = argparse.ArgumentParser()
-    train.add_arguments(parser)
+    config.add_arguments(parser)
     args = parser.parse_args(["--n-train", "2", "--n-val", "1", "--size", "240", "--input-size", "224",
                               "--epochs", "1", "--real-batch", "2", "--out", str(tmp_path / "run")])
     assert train.run(args) == 0

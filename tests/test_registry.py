@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from bench import Method, registry
+from bench import Method, factory, registry
 from bench.method import make_params
 
 
@@ -39,12 +39,12 @@ def test_select_all_skips_unavailable_with_reason():
         requires = ("no_such_module_xyz",)
 
     try:
-        sel = registry.select("all")
+        sel = factory.select("all")
         assert "test-needs-missing" in sel.skipped
         assert "no_such_module_xyz" in sel.skipped["test-needs-missing"]
         assert NeedsMissing not in sel.chosen
         with pytest.raises(registry.UnknownMethodError, match="unavailable"):
-            registry.select("test-needs-missing")
+            factory.select("test-needs-missing")
     finally:
         registry._REGISTRY.pop("test-needs-missing")
 

@@ -1,4 +1,5 @@
-"""The paper's patch-based affine network (section 2.3, Fig. 1), its named configurations and weight files.
+"""The paper's patch-based affine network (section 2.3, Fig. 1) and its weight files (the named
+configurations, :data:`~bench.learning.config.CONFIGS`, are in :mod:`bench.learning.config`).
 
 The network takes a source and a target image of **any size and aspect ratio**, each ``(1, 1, H, W)``,
 and predicts one 2x3 matrix ``theta`` in normalised coordinates, in the convention of
@@ -26,10 +27,8 @@ matrices (moving/source pixels -> fixed/target pixels).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,80 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bench.learning.config import CONFIGS, ModelConfig
+
 WEIGHTS_FORMAT = 1
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """Architecture hyper-parameters (everything needed to rebuild the network).
-
-    Attributes
-    ----------
-    name : str
-        Configuration name (``paper`` or ``compact``).
-    patch_size : int
-        Side of the square, non-overlapping patches (224 in the paper).
-    stem_channels : int
-        Channels of the stride-2 7x7 stem convolution (followed by a stride-2 max pool).
-    stage_channels : tuple of int
-        Channels of each residual stage; every stage after the first halves the resolution.
-    blocks_per_stage : tuple of int
-        Basic residual blocks per stage.
-    combine_channels : tuple of int
-        Output channels of the 3x3 stride-2 convolutions combining concatenated source/target
-        features; the last one is the per-patch vector length ``D``.
-    grid_channels : int
-        Output channels of the 3-D convolution and of the dynamic 2-D grid convolution.
-    fc_hidden : tuple of int
-        Hidden widths of the fully connected head.
-    groups : int
-        Maximum GroupNorm group count (reduced to a divisor of the channel count when needed).
-    """
-
-    name: str
-    patch_size: int = 224
-    stem_channels: int = 64
-    stage_channels: tuple[int, ...] = (64, 128, 256, 512)
-    blocks_per_stage: tuple[int, ...] = (2, 2, 2, 2)
-    combine_channels: tuple[int, ...] = (1024, 512)
-    grid_channels: int = 256
-    fc_hidden: tuple[int, ...] = (256,)
-    groups: int = 32
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        fields = {f.name for f in dataclasses.fields(cls)}
-        clean = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in fields}
-        return cls(**clean)
-
-
-CONFIGS: dict[str, ModelConfig] = {
-    # about 30.4 M parameters, as published: a ResNet-18-like extractor, wide combiner
-    "paper": ModelConfig(
-        name="paper",
-        stem_channels=64,
-        stage_channels=(64, 128, 256, 512),
-        blocks_per_stage=(2, 2, 2, 2),
-        combine_channels=(1024, 512),
-        grid_channels=512,
-        fc_hidden=(512, 128),
-        groups=32,
-    ),
-    # about 1.06 M parameters (4 MB float32): trains and runs on 2 CPU cores
-    "compact": ModelConfig(
-        name="compact",
-        stem_channels=16,
-        stage_channels=(16, 32, 64, 128),
-        blocks_per_stage=(1, 1, 1, 1),
-        combine_channels=(128, 128),
-        grid_channels=128,
-        fc_hidden=(64,),
-        groups=8,
-    ),
-}
 
 
 def _groups(channels: int, max_groups: int) -> int:

@@ -29,56 +29,8 @@ import numpy as np
 import torch
 
 from bench.learning import data as D
-from bench.learning.model import CONFIGS, build_model, count_parameters, save_weights, theta_to_matrix, warp
+from bench.learning.model import build_model, count_parameters, save_weights, theta_to_matrix, warp
 from bench.preprocess import PreprocessParams
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Register the training options on ``parser``."""
-    g = parser.add_argument_group("data")
-    g.add_argument("--data", default="generated",
-                   help="'generated' (the project's generator) or an ANHIR pair table (its 'training' split)")
-    g.add_argument("--data-root", type=Path, action="append", default=[], help="extra image root for a table")
-    g.add_argument("--n-train", type=int, default=64, help="generated training pairs")
-    g.add_argument("--n-val", type=int, default=16, help="generated validation pairs (other seeds)")
-    g.add_argument("--size", type=int, default=640, help="generated target size (longer side, pixels)")
-    g.add_argument("--input-size", type=int, default=448, help="network input: longer side, pixels")
-    g.add_argument("--working-size", type=int, default=None, help="preprocessing working size (default: its own)")
-    g.add_argument("--cache-dir", type=Path, default=None, help="preprocessed-pair cache (default: OUT/cache)")
-    g = parser.add_argument_group("optimisation")
-    g.add_argument("--config", default="compact", choices=sorted(CONFIGS))
-    g.add_argument("--epochs", type=int, default=20)
-    g.add_argument("--real-batch", type=int, default=8, help="pairs per optimiser step")
-    g.add_argument("--lr", type=float, default=1e-4)
-    g.add_argument("--decay", type=float, default=0.995, help="learning-rate factor per epoch")
-    g.add_argument("--loss", choices=["ncc", "relative"], default="ncc")
-    g.add_argument("--loss-pool", type=int, nargs="+", default=[1],
-                   help="average-pool factor(s) of the images for the loss; several = mean NCC over those scales")
-    g.add_argument("--max-rotation", type=float, default=15.0, help="augmentation rotation, degrees (+-)")
-    g.add_argument("--scale-range", type=float, nargs=2, default=(0.9, 1.15), help="augmentation scale range")
-    g.add_argument("--max-shear", type=float, default=0.08, help="augmentation shear (+-)")
-    g.add_argument("--max-translation", type=float, default=0.08, help="augmentation shift, x longer side (+-)")
-    g.add_argument("--crop-probability", type=float, default=0.0,
-                   help="chance of cutting both images to one random window (tissue filling the frame)")
-    g.add_argument("--crop-range", type=float, nargs=2, default=(0.5, 0.9), help="window side / image side")
-    g.add_argument("--gamma-range", type=float, nargs=2, default=(1.0, 1.0),
-                   help="per-image gamma of the tissue intensities (a stain's non-linear response)")
-    g.add_argument("--blur-probability", type=float, default=0.0,
-                   help="per-image chance of a Gaussian blur (a stain without fine texture)")
-    g.add_argument("--swap-probability", type=float, default=0.0,
-                   help="chance of giving the source another section's fine texture (consecutive sections)")
-    g.add_argument("--swap-sigma", type=float, default=2.0, help="scale of the swapped fine band, input pixels")
-    g.add_argument("--cut-probability", type=float, default=0.0,
-                   help="per-image chance of cutting it by its own random frame (frame-filling tissue, frames "
-                        "that differ between scans); the loss ignores what either frame cut away")
-    g.add_argument("--cut-range", type=float, nargs=2, default=(0.6, 0.9), help="that frame's side / image side")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
-    g.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    g = parser.add_argument_group("output")
-    g.add_argument("--out", type=Path, default=Path("runs/train"), help="folder for checkpoints, plot, weights")
-    g.add_argument("--weights-out", type=Path, default=None, help="also copy the final weights here")
-    g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
 
 
 def ncc(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-6, weight: torch.Tensor | None = None) -> torch.Tensor:
@@ -282,7 +234,7 @@ def _rng_state(rng: np.random.Generator) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Train as configured by :func:`add_arguments`'s options; returns an exit status."""
+    """Train as configured by the options of :func:`bench.learning.config.add_arguments`; returns an exit status."""
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 

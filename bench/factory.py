@@ -1,0 +1,69 @@
+"""Method names to method classes: a registered name, or a composed expression built on registered names.
+
+The registry (:mod:`bench.registry`) is a plain lookup of registered names; this module sits above it and
+above :mod:`bench.compose`: a name that uses a composition operator (:func:`bench.expression.is_expression`,
+e.g. ``sift|iterative``, ``learned>iterative``) becomes its :class:`~bench.compose.Composite` class, any other
+name is looked up. Every caller that takes a method name from the user (``--methods``, ``--set``, ``list
+NAME``, ``check NAME``, a worker rebuilding a method) resolves it here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bench import compose, registry
+from bench.expression import is_expression
+from bench.method import Method
+
+
+def resolve(name: str) -> type[Method]:
+    """The method class of ``name``: the registered class, else the composite of an expression.
+
+    Raises :class:`bench.registry.UnknownMethodError` (a :class:`bench.expression.CompositionError` for an
+    expression) with a did-you-mean hint.
+    """
+    registry.discover()
+    if is_expression(name):  # a registered name never holds an operator (registry.register checks)
+        return compose.composite_class(name)
+    return registry.get(name)
+
+
+@dataclass(frozen=True)
+class Selection:
+    chosen: list[type[Method]]
+    skipped: dict[str, str]  # name -> reason
+
+
+def select(spec: str) -> Selection:
+    """Resolve ``all`` or a comma-separated list of names (each a method or an expression).
+
+    ``all`` takes every available registered method and lists the others with their reasons; a named method
+    that is unavailable is an error, since the user asked for it explicitly.
+    """
+    registry.discover()
+    skipped: dict[str, str] = {}
+    if spec.strip() == "all":
+        chosen = []
+        for n in registry.names():
+            cls = registry.get(n)
+            reason = cls.unavailable_reason()
+            if reason:
+                skipped[n] = reason
+            else:
+                chosen.append(cls)
+        skipped.update({m: f"failed to import: {err}" for m, err in registry.broken_modules().items()})
+        return Selection(chosen, skipped)
+    wanted = [s.strip() for s in spec.split(",") if s.strip()]
+    if not wanted:
+        raise registry.UnknownMethodError("no method named: use --methods all or a comma-separated list")
+    chosen = []
+    for n in dict.fromkeys(wanted):
+        cls = resolve(n)
+        reason = cls.unavailable_reason()
+        if reason:
+            raise registry.UnknownMethodError(f"method {n!r} is unavailable here: {reason}")
+        chosen.append(cls)
+    return Selection(chosen, skipped)
+
+
+__all__ = ["Selection", "resolve", "select"]
