@@ -11,9 +11,10 @@ without its json is invisible. The float images are not stored: they are recompu
 colour images and masks by the same code that made them (:func:`bench.preprocess.view_from`), which
 keeps an entry at about 3 bytes per working pixel per image.
 
-``folder`` defaults to ``preprocess/`` under the project's one cache folder (:func:`cache_root`):
-``$HISTREG_BENCH_CACHE``, else ``$XDG_CACHE_HOME/histreg-bench``, else ``~/.cache/histreg-bench``; the
-embedded sample lives beside it. ``python -m bench cache clear`` empties both.
+``folder`` defaults to ``preprocess/`` under the project's one cache folder
+(:func:`bench.cachedir.cache_root`: ``$HISTREG_BENCH_CACHE``, else ``$XDG_CACHE_HOME/histreg-bench``,
+else ``~/.cache/histreg-bench``); the embedded sample lives beside it. ``python -m bench cache clear``
+empties both.
 """
 
 from __future__ import annotations
@@ -22,12 +23,12 @@ import hashlib
 import json
 import os
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from bench.cachedir import cache_root
 from bench.preprocess import (
     STAGE_VERSION,
     PreparedPair,
@@ -38,33 +39,6 @@ from bench.preprocess import (
 )
 
 _DIGESTS: dict[tuple, str] = {}  # (path, size, mtime_ns, inode) -> sha256 of the content, per process
-
-
-CACHE_ENV = "HISTREG_BENCH_CACHE"  # the one variable naming the cache folder
-_WARNED: set[str] = set()
-_RETIRED_ENV = ("HISTREG_CACHE",)  # read by older versions: still set, it gives a warning (never silently ignored)
-
-
-def cache_root() -> Path:
-    """The project's cache folder: ``$HISTREG_BENCH_CACHE``, else ``$XDG_CACHE_HOME/histreg-bench``, else
-    ``~/.cache/histreg-bench`` (the rule of :func:`bench.datasets.sample.cache_root`, which holds the sample).
-
-    A retired variable (``HISTREG_CACHE``) that is still set gives a warning (once per process): it is
-    not read, and ignoring it without a word would let the cache grow where the user does not look.
-    """
-    for old in _RETIRED_ENV:
-        if os.environ.get(old) and old not in _WARNED:
-            _WARNED.add(old)
-            warnings.warn(f"${old} is no longer read: the cache folder is ${CACHE_ENV} (now {_root()}); "
-                          f"unset {old}, and set {CACHE_ENV}={os.environ[old]} if that is where it should be",
-                          UserWarning, stacklevel=2)
-    return _root()
-
-
-def _root() -> Path:
-    from bench.datasets.sample import cache_root as sample_root
-
-    return sample_root()
 
 
 def default_folder() -> Path:

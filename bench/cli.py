@@ -301,8 +301,9 @@ def cmd_cache(args: argparse.Namespace) -> int:
     import shutil
 
     from bench import cache as cache_mod
+    from bench.cachedir import CACHE_ENV, cache_root
 
-    root = cache_mod.cache_root()
+    root = cache_root()
     cache = cache_mod.PreprocessCache(args.cache_dir)
     if args.action == "clear":
         n = cache.clear()
@@ -317,7 +318,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
         where = cache.folder if args.cache_dir else root
         size, files = cache_mod.folder_size(where)
         print(where)
-        say(f"{size / 1e6:.1f} MB in {files} files (${cache_mod.CACHE_ENV} moves it; "
+        say(f"{size / 1e6:.1f} MB in {files} files (${CACHE_ENV} moves it; "
             "`python -m bench cache clear` empties it)")
     return 0
 

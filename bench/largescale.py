@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 
 from bench import geometry
-from bench.datasets.anhir import write_landmarks
+from bench.pairs import write_landmarks
 
 STRIP = 512
 

@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from bench import factory, metrics, registry
-from bench.datasets.anhir import DatasetError, Pair, load_table
 from bench.method import make_params
+from bench.pairs import DatasetError, Pair, load_table
 from bench.preprocess import PreprocessParams
 
 EXECUTORS = ("serial", "processes", "dask")

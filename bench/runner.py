@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import executors, provenance
-from bench.datasets.anhir import file_digest
+from bench.pairs import file_digest
 from bench.plan import (
     MethodSpec,
     PairTask,

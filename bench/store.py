@@ -44,7 +44,7 @@ from urllib.parse import quote
 
 import numpy as np
 
-from bench.datasets.anhir import write_landmarks
+from bench.pairs import write_landmarks
 from bench.schema import COLUMNS, MANIFEST, RESULTS, SCHEMA_VERSION, STATUSES, WARPED
 
 __all__ = ["COLUMNS", "SCHEMA_VERSION", "STATUSES", "FolderInUse", "ResultStore", "StoreError", "jsonable",

@@ -30,8 +30,8 @@ import cv2
 import numpy as np
 
 from bench import factory, geometry, imaging, metrics, quality, registry
-from bench.datasets.anhir import LandmarkError, Pair, read_landmarks
 from bench.method import Context, ImageView, Method, RegistrationFailed
+from bench.pairs import LandmarkError, Pair, read_landmarks
 from bench.plan import MethodSpec, PairTask
 from bench.preprocess import ImageLoadError, PreparedPair
 from bench.schema import CRASHED, TIME_MEASURED, Status

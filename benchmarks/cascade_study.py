@@ -1,6 +1,6 @@
 """Choose the default composition ``cascade`` on generated data only (docs/compose.md), reproducibly.
 
-Four generated sets, written to ``OUT/data`` in the ANHIR layout (``datasets/synthetic.py``):
+Four generated sets, written to ``OUT/data`` in the ANHIR layout (``datasets/synthetic/``):
 
 * ``moved``: ``N`` pairs, any rotation, scale 0.85-1.2, shear up to 0.08, elastic 3 px, and the source's fine
   structure (below ``--swap`` px) taken from another section of the same tissue (``Variation.texture_swap_sigma``);

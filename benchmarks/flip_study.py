@@ -38,12 +38,12 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from bench.datasets.anhir import load_table, read_landmarks, write_landmarks
 from bench.datasets.synthetic import TABLE_HEADER, GeneratorConfig, generate_pair
 from frame_cut_pairs import move_on_canvas  # noqa: E402 - a sibling script (benchmarks/ is on sys.path when run)
 
 from bench import geometry
 from bench import preprocess as pre
+from bench.pairs import load_table, read_landmarks, write_landmarks
 from bench.preprocess.images import load_both
 
 CONFIG = GeneratorConfig(size=800, scale_range=(0.85, 1.2), max_shear=0.08, n_landmarks=30)

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from bench.datasets.anhir import load_table, read_landmarks, write_landmarks
 from bench.datasets.synthetic import TABLE_HEADER, write_dataset
 
 from bench import geometry
+from bench.pairs import load_table, read_landmarks, write_landmarks
 
 
 def move_on_canvas(rng: np.random.Generator, img: np.ndarray,

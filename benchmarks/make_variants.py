@@ -24,9 +24,9 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from bench.datasets.anhir import load_table, read_landmarks, write_landmarks
 
 from bench import geometry
+from bench.pairs import load_table, read_landmarks, write_landmarks
 
 HEADER = ["", "Source image", "Source landmarks", "Target image", "Target landmarks",
           "Image diagonal [pixels]", "Image size [pixels]", "status"]  # fmt: skip

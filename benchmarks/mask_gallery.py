@@ -15,9 +15,9 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from bench.datasets.anhir import load_table
 
 from bench.imageio import load_image
+from bench.pairs import load_table
 from bench.preprocess import PreprocessParams, tissue_mask
 
 

@@ -39,7 +39,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from bench.datasets.anhir import read_landmarks
 from bench.datasets.synthetic import (
     TABLE_HEADER,
     GeneratorConfig,
@@ -50,6 +49,7 @@ from bench.datasets.synthetic import (
 )
 
 from bench import Context, RegistrationFailed, geometry, quality
+from bench.pairs import read_landmarks
 from bench.preprocess import PreprocessParams, prepare_pair
 
 SUCCESS = 0.035  # median rTRE at or below which a pair counts as aligned (the project's default)

@@ -8,8 +8,8 @@ of reusing stale images. Generation writes into a temporary folder beside the fi
 into place only when complete, so an interrupted run never leaves a half dataset (a concurrent run that
 finishes first wins; the other discards its copy).
 
-Cache location, first match wins: the ``cache_dir`` argument, ``$HISTREG_BENCH_CACHE``,
-``$XDG_CACHE_HOME/histreg-bench``, ``~/.cache/histreg-bench``.
+The cache folder is the project's one (:func:`bench.cachedir.cache_root`), first match wins: the
+``cache_dir`` argument, ``$HISTREG_BENCH_CACHE``, ``$XDG_CACHE_HOME/histreg-bench``, ``~/.cache/histreg-bench``.
 """
 
 from __future__ import annotations
@@ -17,14 +17,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import cv2
 import numpy as np
-from bench.datasets.anhir import load_table, read_landmarks
 from bench.datasets.synthetic import (
     GENERATOR_VERSION,
     STAINS,
@@ -34,21 +32,13 @@ from bench.datasets.synthetic import (
     write_dataset,
 )
 
+from bench.cachedir import cache_root
+from bench.pairs import load_table, read_landmarks
+
 SAMPLE_SEED = 2019
 SAMPLE_PAIRS = 24
 SAMPLE_CONFIG = GeneratorConfig()
-CACHE_ENV = "HISTREG_BENCH_CACHE"
 MANIFEST = "sample.json"
-
-
-def cache_root(cache_dir: str | Path | None = None) -> Path:
-    """The cache folder: ``cache_dir``, else ``$HISTREG_BENCH_CACHE``, else ``$XDG_CACHE_HOME/histreg-bench``,
-    else ``~/.cache/histreg-bench`` (the preprocessing cache, :mod:`bench.cache`, uses the same folder)."""
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser()
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "histreg-bench"
 
 
 def sample_manifest() -> dict:
@@ -78,14 +68,15 @@ def sample_table(cache_dir: str | Path | None = None, *, refresh: bool = False) 
     Parameters
     ----------
     cache_dir : str or Path, optional
-        Cache folder (see :func:`cache_root`); the sample goes into a subfolder named by :func:`sample_key`.
+        Cache folder (see :func:`bench.cachedir.cache_root`); the sample goes into a subfolder named by
+        :func:`sample_key`.
     refresh : bool
         Regenerate even if a complete sample is already there.
 
     Returns
     -------
     Path
-        The pair table, readable by :func:`bench.datasets.anhir.load_table`.
+        The pair table, readable by :func:`bench.pairs.load_table`.
     """
     final = sample_dir(cache_dir)
     table = final / "dataset.csv"

@@ -10,12 +10,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from bench.datasets.anhir import write_landmarks
 
 from bench import geometry
+from bench.cachedir import CACHE_ENV
+from bench.pairs import write_landmarks
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "anhir-mini"
-CACHE_ENV = "HISTREG_BENCH_CACHE"
 _CACHE_KEY = pytest.StashKey[tuple]()
 
 
@@ -27,7 +27,6 @@ def pytest_configure(config: pytest.Config) -> None:
     folder = tempfile.mkdtemp(prefix="histreg-bench-tests-")
     config.stash[_CACHE_KEY] = (folder, os.environ.get(CACHE_ENV))
     os.environ[CACHE_ENV] = folder
-    os.environ.pop("HISTREG_CACHE", None)  # retired; set, it would only add a warning
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from bench.datasets.anhir import DatasetError, LandmarkError, load_table, read_landmarks, write_landmarks
+
+from bench.pairs import DatasetError, LandmarkError, load_table, read_landmarks, write_landmarks
 
 
 def test_reads_table_paths_tissues_and_sizes(tiny_table: Path):

@@ -11,6 +11,7 @@ import pytest
 from bench import cache as cache_mod
 from bench import geometry
 from bench.cache import PreprocessCache, cache_key, default_folder
+from bench.cachedir import CACHE_ENV, cache_root
 from bench.preprocess import PreprocessParams
 
 
@@ -135,15 +136,12 @@ def test_default_folder_follows_the_environment(monkeypatch, tmp_path):
     assert default_folder() == tmp_path / "xdg" / "histreg-bench" / "preprocess"
 
 
-def test_one_cache_variable_the_retired_one_warns(monkeypatch, tmp_path):
+def test_one_cache_folder_for_the_sample_and_the_preprocessing_cache(monkeypatch, tmp_path):
     from bench.datasets import sample
 
-    monkeypatch.setenv("HISTREG_BENCH_CACHE", str(tmp_path / "one"))
-    assert sample.cache_root() == cache_mod.cache_root() == tmp_path / "one"  # sample and cache: one folder
-    monkeypatch.setenv("HISTREG_CACHE", str(tmp_path / "old"))
-    monkeypatch.setattr(cache_mod, "_WARNED", set())
-    with pytest.warns(UserWarning, match=r"HISTREG_CACHE is no longer read.*HISTREG_BENCH_CACHE"):
-        assert cache_mod.default_folder() == tmp_path / "one" / "preprocess"
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "one"))
+    assert cache_root() == tmp_path / "one"
+    assert sample.sample_dir().parent == cache_mod.default_folder().parent == tmp_path / "one"
 
 
 def test_the_suite_never_uses_the_users_cache():

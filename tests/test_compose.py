@@ -334,7 +334,7 @@ def test_cascade_registered_and_runs_end_to_end(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------
-# the harder generated pairs the cascade is chosen on (datasets/synthetic.py: Variation, unrelated tables)
+# the harder generated pairs the cascade is chosen on (datasets/synthetic/: Variation, unrelated tables)
 
 HARD = dict(size=320, n_landmarks=15, elastic_px=0.0, scale_range=(0.85, 1.2), max_shear=0.08)
 
@@ -378,8 +378,9 @@ def test_generator_texture_swap_keeps_geometry_changes_fine_structure():
 
 
 def test_generator_unrelated_table_pairs_other_tissues(tmp_path):
-    from bench.datasets.anhir import load_table
     from bench.datasets.synthetic import GeneratorConfig, write_dataset
+
+    from bench.pairs import load_table
 
     table = write_dataset(tmp_path, 4, seed=1, config=GeneratorConfig(size=200, n_landmarks=5), unrelated=True,
                           workers=1)

@@ -29,7 +29,7 @@ MODULES = _modules()
 
 def test_discovery_finds_every_package():
     for name in ("bench.geometry", "bench.report.tables", "bench.learning.model", "bench.methods.learned",
-                 "bench.methods._features", "bench.datasets.anhir", "bench.conformance"):
+                 "bench.methods._features", "bench.pairs", "bench.conformance"):
         assert name in MODULES, name
 
 

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from bench.datasets.anhir import load_table
 
 from bench import registry
+from bench.pairs import load_table
 from bench.runner import RunConfig, RunError, run
 from bench.schema import caused_by_run
 from bench.store import ResultStore, StoreError, safe_name, warped_path

@@ -418,7 +418,7 @@ def test_generated_stain_pair_is_brought_close(tmp_path):
 @pytest.mark.realdata
 def test_anhir_mini_preprocessed_beats_identity(anhir_mini):
     """The issue's check: success (median rTRE <= 0.035) on >= 10 of 12 pairs, lower mean than identity."""
-    from bench.datasets.anhir import load_table, read_landmarks
+    from bench.pairs import load_table, read_landmarks
 
     pairs = load_table(anhir_mini)
     before, after = [], []
@@ -453,7 +453,7 @@ def test_anhir_mini_turned_and_rescaled_sources(anhir_mini, tmp_path):
     At least half succeed, every rotation is found (within 5 degrees of the landmarks' best rotation),
     and what is left is what the best *rigid* map leaves, i.e. the scale the stage does not estimate.
     """
-    from bench.datasets.anhir import load_table, read_landmarks
+    from bench.pairs import load_table, read_landmarks
 
     rng = np.random.default_rng(0)
     after, rigid, angle_errors = [], [], []
@@ -490,7 +490,7 @@ def test_anhir_mini_mirrored_sources_are_found_by_default(anhir_mini, tmp_path):
     """The issue's check on real pairs: every source mirrored (left-right or top-bottom), turned by any
     angle and rescaled by 0.85-1.2; with default settings the mirror is found on at least 11 of 12 and
     at least 10 of 12 succeed (the rigid stage keeps the scale, which alone costs a pair or two)."""
-    from bench.datasets.anhir import load_table, read_landmarks
+    from bench.pairs import load_table, read_landmarks
 
     rng = np.random.default_rng(1)
     found, success = 0, 0

@@ -22,12 +22,12 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
-from bench.datasets.anhir import file_digest, read_landmarks, write_landmarks
 from scipy import stats as sps
 
 from bench import geometry
 from bench import quality as bench_quality
 from bench.method import ImageView
+from bench.pairs import file_digest, read_landmarks, write_landmarks
 from bench.report import (
     ReportError,
     build_report,

@@ -12,9 +12,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from bench.datasets.anhir import load_table, read_landmarks
 
 from bench import registry
+from bench.pairs import load_table, read_landmarks
 from bench.runner import RunConfig, RunError, run
 from bench.store import COLUMNS
 

@@ -9,7 +9,6 @@ import bench.datasets.sample as sample
 import cv2
 import numpy as np
 import pytest
-from bench.datasets.anhir import load_table, read_landmarks
 from bench.datasets.synthetic import (
     STAINS,
     TISSUES,
@@ -19,7 +18,9 @@ from bench.datasets.synthetic import (
     write_dataset,
 )
 
+from bench.cachedir import CACHE_ENV
 from bench.geometry import apply
+from bench.pairs import load_table, read_landmarks
 
 SMALL = GeneratorConfig(size=320, n_landmarks=25)
 RIGID = GeneratorConfig(size=320, n_landmarks=25, elastic_px=0.0)
@@ -182,7 +183,7 @@ def test_sample_is_reused_not_regenerated(sample_cache, monkeypatch):
 
 
 def test_sample_cache_location_from_environment(tmp_path, monkeypatch):
-    monkeypatch.setenv(sample.CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
     assert sample.sample_dir() == tmp_path / sample.sample_key()
     assert sample.sample_dir(tmp_path / "x") == tmp_path / "x" / sample.sample_key()
 
@@ -227,7 +228,7 @@ def test_config_refuses_impossible_settings():
 
 
 def test_elastic_inverse_solves_the_forward_map():
-    from bench.datasets.synthetic import _Elastic
+    from bench.datasets.synthetic.deform import _Elastic
 
     rng = np.random.default_rng(0)
     elastic = _Elastic.random(rng, bound=6.0, size=200)

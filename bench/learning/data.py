@@ -3,7 +3,7 @@
 Sources of pairs:
 
 * the project's generator (:mod:`bench.datasets.synthetic`): any number of pairs from any seed;
-* the ``training`` split of an ANHIR pair table (:func:`bench.datasets.anhir.load_table`).
+* the ``training`` split of an ANHIR pair table (:func:`bench.pairs.load_table`).
 
 Every pair goes once through :func:`bench.preprocess.prepare_pair` (resampling, tissue masks, inversion,
 initial rotation) and is resampled so the longer side of the larger image is ``input_size``; the result is
@@ -178,7 +178,7 @@ def generated_pair(seed: int, size: int, cache_dir: Path, params: PreprocessPara
 def anhir_pairs(table: Path, data_roots: list[Path], cache_dir: Path, params: PreprocessParams, input_size: int,
                 status: str = "training") -> list[CachedPair]:
     """The ``status`` split of an ANHIR pair table, preprocessed and cached (rows with problems skipped)."""
-    from bench.datasets.anhir import load_table, read_landmarks
+    from bench.pairs import load_table, read_landmarks
 
     out = []
     for pair in load_table(table, data_roots):

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench.datasets import anhir
+from bench import pairs
 from bench.report.load import WARPED, ReportError, Run, load_run
 from bench.store import safe_name, warped_path
 
@@ -57,11 +57,11 @@ def _table_from_results(rows: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     table = pd.DataFrame(
         {
             "": rows["pair_id"].to_numpy(),
-            anhir.COL_SOURCE_IMAGE: rows["source_image"].to_numpy(),
-            anhir.COL_SOURCE_LANDMARKS: rows["source_landmarks"].to_numpy(),
-            anhir.COL_TARGET_IMAGE: rows["target_image"].to_numpy(),
-            anhir.COL_TARGET_LANDMARKS: rows["target_landmarks"].to_numpy(),
-            anhir.COL_DIAGONAL: rows["diagonal"].to_numpy(),
+            pairs.COL_SOURCE_IMAGE: rows["source_image"].to_numpy(),
+            pairs.COL_SOURCE_LANDMARKS: rows["source_landmarks"].to_numpy(),
+            pairs.COL_TARGET_IMAGE: rows["target_image"].to_numpy(),
+            pairs.COL_TARGET_LANDMARKS: rows["target_landmarks"].to_numpy(),
+            pairs.COL_DIAGONAL: rows["diagonal"].to_numpy(),
         }
     )
     return table, list(rows["pair_id"])

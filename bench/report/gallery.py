@@ -23,7 +23,7 @@ from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
 
 from bench import geometry, imageio
-from bench.datasets.anhir import LandmarkError, read_landmarks
+from bench.pairs import LandmarkError, read_landmarks
 from bench.report.load import Run, read_points, resolve_file
 from bench.report.plots import STYLE
 from bench.store import warped_path

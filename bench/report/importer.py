@@ -44,7 +44,7 @@ import numpy as np
 import pandas as pd
 
 from bench import metrics
-from bench.datasets.anhir import (
+from bench.pairs import (
     COL_SOURCE_IMAGE,
     COL_SOURCE_LANDMARKS,
     COL_TARGET_IMAGE,

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from bench.datasets.anhir import DatasetError, LandmarkError, load_table, read_landmarks
+from bench.pairs import DatasetError, LandmarkError, load_table, read_landmarks
 from bench.schema import (
     BOOL_COLUMNS,
     COLUMNS,

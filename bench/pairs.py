@@ -1,10 +1,15 @@
-"""ANHIR pair tables and landmark files.
+"""Registration pairs, the pair table that lists them, and landmark files: what the harness reads and writes.
 
-The table (``dataset.csv`` / ``dataset_medium.csv``) has an unnamed index column, ``Source image``,
-``Source landmarks``, ``Target image``, ``Target landmarks``, ``Image diagonal [pixels]``,
-``Image size [pixels]`` (``"(h, w)"`` of the target) and ``status``. Paths are relative to the table's
-folder or to any extra data root (images and landmarks are often unpacked into separate roots).
+A :class:`Pair` is one task (source image registered onto target image, with optional landmarks). The pair
+table is the harness's one input format, adopted from ANHIR (``dataset.csv`` / ``dataset_medium.csv``): an
+unnamed index column, ``Source image``, ``Source landmarks``, ``Target image``, ``Target landmarks``,
+``Image diagonal [pixels]``, ``Image size [pixels]`` (``"(h, w)"`` of the target) and ``status``. Paths are
+relative to the table's folder or to any extra data root (images and landmarks are often unpacked into
+separate roots); a pair's tissue is named by the folder layout ``<tissue>_<n>/scale-<p>pc/<image>``.
 Landmark files are ImageJ CSVs: header ``,X,Y``, a 1-based index column, pixels, origin top-left.
+
+Dataset adapters (:mod:`bench.datasets`) write tables and landmarks in this format; the plan, the workers,
+the store and the report read them through this module.
 
 Problems with one row never stop the others: they are kept on the :class:`Pair` as ``problem`` and end as
 that pair's ``failed`` row with a one-line message naming the file and the fault.
