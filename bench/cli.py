@@ -5,6 +5,7 @@ import-anhir, cache, make-large, train (``python -m bench COMMAND --help``: its 
 from __future__ import annotations
 
 import argparse
+import math
 import shlex
 import sys
 from pathlib import Path
@@ -34,6 +35,7 @@ def fail(message: object) -> int:
     return 2
 
 
+CHECK_TIMEOUT_S = 300.0  # per contract check: a generous bound (the slowest built-in check takes seconds)
 _PLUGIN_HELP = "methods from outside: a module, a .py file, or either with :Class (repeatable)"
 
 
@@ -232,7 +234,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     """``check NAME``: run every contract check (bench.conformance) on one method, one line per check."""
     from rich.text import Text
 
-    from bench import conformance, factory, registry
+    from bench import conformance, factory, isolate, registry
 
     try:
         registry.discover(tuple(args.plugin))
@@ -246,12 +248,18 @@ def cmd_check(args: argparse.Namespace) -> int:
     out.print(f"{cls.name} {cls.version} ({cls.__qualname__} in {where})", markup=False, highlight=False)
     styles = {conformance.PASS: "green", conformance.FAIL: "bold red", conformance.LIMIT: "yellow",
               conformance.SKIP: "dim"}
+    if not (args.timeout > 0 and math.isfinite(args.timeout)):
+        return fail(f"--timeout {args.timeout:g}: expected a positive number of seconds")
     results = []
-    for check in conformance.CHECKS:
-        r = conformance.run_check(cls, check)
-        results.append(r)
-        line = r.line()
-        out.print(Text.assemble("  ", (line[:12], styles[r.status]), line[12:]), highlight=False)
+    # each check in a supervised child: a method that exits, crashes or hangs fails that check, and the rest run
+    with isolate.Isolated(registry.discover, (tuple(args.plugin),)) as child:
+        for check in conformance.CHECKS:
+            outcome = child.call(conformance.run_named_check, cls.name, check, timeout=args.timeout)
+            r = outcome.value if outcome.ok else conformance.Result(check, conformance.FAIL,
+                                                                    f"{outcome.kind}: {outcome.error}")
+            results.append(r)
+            line = r.line()
+            out.print(Text.assemble("  ", (line[:12], styles[r.status]), line[12:]), highlight=False)
     counts = {s: sum(r.status == s for r in results) for s in styles}
     out.print(f"{len(results)} checks: {counts[conformance.PASS]} passed, {counts[conformance.LIMIT]} known "
               f"limit(s), {counts[conformance.FAIL]} failed, {counts[conformance.SKIP]} skipped", markup=False)
@@ -334,8 +342,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?", help="a method (or 'preprocess'): every parameter, its type, default and "
                    "meaning, and the method's known limits")
     p.add_argument("--plugin", action="append", default=[], metavar="PLUGIN", help=_PLUGIN_HELP)
-    p = sub.add_parser("check", help="run the contract checks on one method (exit status 1 when one fails)")
+    p = sub.add_parser("check", help="run the contract checks on one method, each in a supervised process "
+                       "(exit status 1 unless every check ran and passed)")
     p.add_argument("name", help="method name")
+    p.add_argument("--timeout", type=float, default=CHECK_TIMEOUT_S, metavar="S",
+                   help=f"time limit of each check in seconds (default {CHECK_TIMEOUT_S:g})")
     p.add_argument("--plugin", action="append", default=[], metavar="PLUGIN", help=_PLUGIN_HELP)
     p = sub.add_parser("report", help="tables, plots, gallery and report.html from stored runs")
     p.add_argument("--run", type=Path, action="append", help="run folder (repeatable; default: the latest under reports/)")

@@ -397,6 +397,14 @@ def run_check(cls: type[Method], check: str) -> Result:
     return Result(check, PASS, message, "", spent)
 
 
+def run_named_check(name: str, check: str) -> Result:
+    """:func:`run_check` on the method called ``name`` (registered or composed), looked up in this process: what
+    ``bench check`` runs in its supervised child (:mod:`bench.isolate`), which loads the plugins first."""
+    from bench import factory
+
+    return run_check(factory.resolve(name), check)
+
+
 @dataclass(frozen=True)
 class Check:
     """One contract check bound to a method class; calling it runs it (for pytest, see the module doc).
@@ -447,4 +455,4 @@ def check_method(cls: type[Method]) -> list[Result]:
 
 
 __all__ = ["CHECKS", "Check", "ConformanceError", "REQUIRED", "Result", "check_method", "checks",
-           "prepared_pair", "run_check", "run_checks"]
+           "prepared_pair", "run_check", "run_checks", "run_named_check"]

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from bench.registry import UnknownMethodError
 
 OPERATORS = "|>()"
+MAX_DEPTH = 32  # parentheses nested deeper than this are refused (the parser recurses once per level)
 
 
 class CompositionError(UnknownMethodError):
@@ -96,13 +97,15 @@ def parse(text: str) -> Node:
         pos = m.end()
     if not tokens:
         raise CompositionError(f"empty composition expression {text!r}")
-    i = 0
+    i = depth = 0
 
     def where(k: int) -> str:
         return f"at position {tokens[k][1]}" if k < len(tokens) else "at the end"
 
+    shown = text if len(text) <= 80 else f"{text[:60]}...({len(text)} characters)"
+
     def fail(k: int, what: str) -> CompositionError:
-        return CompositionError(f"bad composition expression {text!r}: {what} {where(k)} "
+        return CompositionError(f"bad composition expression {shown!r}: {what} {where(k)} "
                                 f"(syntax: NAME, A|B fallback, A>B refinement, parentheses; see docs/compose.md)")
 
     def expr() -> Node:
@@ -122,16 +125,20 @@ def parse(text: str) -> Node:
         return _flat(">", parts)
 
     def term() -> Node:
-        nonlocal i
+        nonlocal i, depth
         if i >= len(tokens):
             raise fail(i, "a method name is missing")
         tok = tokens[i][0]
         if tok == "(":
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise fail(i, f"parentheses nested deeper than {MAX_DEPTH}")
             i += 1
             inner = expr()
             if i >= len(tokens) or tokens[i][0] != ")":
                 raise fail(i, "')' expected")
             i += 1
+            depth -= 1
             return inner
         if tok in "|>)":
             raise fail(i, f"a method name is missing before {tok!r}")

@@ -35,7 +35,8 @@ class Selection:
 
 
 def select(spec: str) -> Selection:
-    """Resolve ``all`` or a comma-separated list of names (each a method or an expression).
+    """Resolve ``all`` or a comma-separated list of names (each a method or an expression); names that resolve
+    to one method (``a|b`` and ``(a | b)``: one canonical name) are chosen once.
 
     ``all`` takes every available registered method and lists the others with their reasons; a named method
     that is unavailable is an error, since the user asked for it explicitly.
@@ -56,14 +57,14 @@ def select(spec: str) -> Selection:
     wanted = [s.strip() for s in spec.split(",") if s.strip()]
     if not wanted:
         raise registry.UnknownMethodError("no method named: use --methods all or a comma-separated list")
-    chosen = []
-    for n in dict.fromkeys(wanted):
+    chosen: dict[str, type[Method]] = {}  # canonical name -> class: equivalent spellings are one method
+    for n in wanted:
         cls = resolve(n)
         reason = cls.unavailable_reason()
         if reason:
             raise registry.UnknownMethodError(f"method {n!r} is unavailable here: {reason}")
-        chosen.append(cls)
-    return Selection(chosen, skipped)
+        chosen.setdefault(cls.name, cls)
+    return Selection(list(chosen.values()), skipped)
 
 
 __all__ = ["Selection", "resolve", "select"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -315,4 +316,7 @@ def make_params(params_cls: type, values: dict[str, Any], owner: str = "") -> An
         known = ", ".join(fields) or "none"
         raise ValueError(f"{owner or params_cls.__name__}: unknown parameter {', '.join(hints_txt)}; known: {known}")
     converted = {k: _coerce(v, hints[k], f"{owner}.{k}") for k, v in values.items()}
+    for k, v in converted.items():  # a NaN compares false with everything: a threshold of NaN disables its check
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ValueError(f"{owner or params_cls.__name__}.{k}: {v!r} is not a finite number")
     return params_cls(**converted)

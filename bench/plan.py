@@ -226,6 +226,8 @@ def check_options(config: RunConfig) -> None:
 def _specs(config: RunConfig) -> tuple[list[MethodSpec], dict[str, str], dict[str, str]]:
     try:
         registry.discover(config.plugins)
+    except registry.PluginError as exc:  # names the plugin and the cause
+        raise RunError(str(exc)) from None
     except Exception as exc:  # noqa: BLE001 - a plugin that does not import is one line
         raise RunError(f"--plugin: cannot import {', '.join(config.plugins)}: {type(exc).__name__}: {exc}") from None
     try:

@@ -184,7 +184,7 @@ def _load_module(target: str, spec: str):
             loader_spec.loader.exec_module(module)
         except BaseException as exc:
             sys.modules.pop(name, None)
-            if not isinstance(exc, Exception):
+            if not isinstance(exc, Exception | SystemExit):  # Ctrl-C stays Ctrl-C
                 raise
             raise PluginError(f"plugin {spec!r} failed to import: {_cause(exc, path)}") from exc
         return module
@@ -192,7 +192,7 @@ def _load_module(target: str, spec: str):
         return _import_name(target)
     except PluginError:
         raise
-    except Exception as exc:  # noqa: BLE001 - any error of the user's module becomes one clear line
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - any error of the user's module becomes one clear line
         raise PluginError(f"plugin {spec!r} failed to import: {_cause(exc, None)}") from exc
 
 
@@ -228,6 +228,8 @@ def _cause(exc: BaseException, path: Path | None) -> str:
             frames = [f for f in frames if Path(f.filename) == path] or frames
         if frames:
             where = f" ({Path(frames[-1].filename).name} line {frames[-1].lineno})"
+    if isinstance(exc, SystemExit):  # a module that ends the process while it is imported
+        return f"it called sys.exit({exc.code!r}) while being imported{where}"
     message = " ".join(str(exc).split())
     return f"{type(exc).__name__}: {message}{where}"
 
@@ -235,8 +237,8 @@ def _cause(exc: BaseException, path: Path | None) -> str:
 def _import(module: str) -> None:
     try:
         importlib.import_module(module)
-    except Exception as exc:  # noqa: BLE001 - a broken method file must not break the registry
-        _BROKEN[module] = f"{type(exc).__name__}: {exc}"
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - a broken method file must not break the registry
+        _BROKEN[module] = _cause(exc, None)
 
 
 def names() -> list[str]:

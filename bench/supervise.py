@@ -129,7 +129,7 @@ def _worker_main(conn: Connection, parent_pid: int, threads: int | None, work: W
         conn.send(("done", None))
 
 
-def _describe_exit(code: int | None) -> str:
+def describe_exit(code: int | None) -> str:
     if code is None:
         return "ended"
     if code < 0:
@@ -347,7 +347,7 @@ class Supervisor:
                         if w.task is not None:
                             what = " during the method call" if w.call else ""
                             yield from self._lost(w, f"{CRASHED} the worker process "
-                                                     f"{_describe_exit(w.proc.exitcode)}{what}")
+                                                     f"{describe_exit(w.proc.exitcode)}{what}")
                     elif w.deadline is not None and time.monotonic() > w.deadline:
                         call = w.call
                         yield from self._lost(
