@@ -116,7 +116,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         def on_result(res, i, n):
             last = res.rows[-1]
             prog.update(task, total=n, completed=i,
-                        last=escape(f"pair {last['pair_id']} {last['method']}: {last['status']}"))
+                        last=escape(f"pair {last.pair_id} {last.method}: {last.status}"))
 
         try:
             summary = runner.run(plan, progress=on_result)
@@ -294,13 +294,14 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from bench.report import ReportError, importer
+    from bench import anhir_import
+    from bench.report import ReportError
 
     try:
-        summary = importer.import_anhir(args.run, args.method, args.table, replace=args.replace)
+        summary = anhir_import.import_anhir(args.run, args.method, args.table, replace=args.replace)
     except ReportError as exc:
         return fail(exc)
-    say(importer.summary_line(summary))
+    say(anhir_import.summary_line(summary))
     return 0
 
 

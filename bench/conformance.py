@@ -280,7 +280,7 @@ def check_returns_affine(cls: type[Method]) -> str:
         raise ConformanceError(f"the matrix is singular (det {det:.2e})")
     if not isinstance(est.diagnostics, dict):
         raise ConformanceError(f"diagnostics must be a dict, got {type(est.diagnostics).__name__}")
-    from bench.store import jsonable
+    from bench.record import jsonable
 
     try:
         json.dumps(jsonable(est.diagnostics))

@@ -6,8 +6,7 @@ rows land the same way from any executor.
 
 - ``serial``: one supervised worker process with the machine's threads (:mod:`bench.supervise`);
 - ``processes``: N supervised worker processes, each capped to ``cores / N`` threads;
-- ``dask``: a Dask cluster (:mod:`bench.distributed`; calls are not supervised there);
-- ``inline``: in this process, unsupervised (for debugging and profiling a method; not on the command line).
+- ``dask``: a Dask cluster (:mod:`bench.distributed`; calls are not supervised there).
 """
 
 from __future__ import annotations
@@ -19,14 +18,6 @@ from bench.plan import PairTask, RunError
 from bench.work import PairResult
 
 Executor = Callable[[list[PairTask], int, Callable, Callable | None], Iterator[PairResult]]
-
-
-def inline(tasks: list[PairTask], workers: int, work: Callable,  # noqa: ARG001
-           meanwhile: Callable | None = None) -> Iterator[PairResult]:
-    if meanwhile is not None:
-        meanwhile()
-    for t in tasks:
-        yield work(t)
 
 
 def serial(tasks: list[PairTask], workers: int, work: Callable,  # noqa: ARG001
@@ -45,12 +36,12 @@ def processes(tasks: list[PairTask], workers: int, work: Callable,
 
 
 def get(kind: str, scheduler: str | None = None) -> Executor:
-    """The executor called ``kind`` (serial, processes, dask or inline)."""
+    """The executor called ``kind`` (serial, processes or dask)."""
     if kind == "dask":
         from bench.distributed import dask_executor
 
         return dask_executor(scheduler)
-    table = {"serial": serial, "processes": processes, "inline": inline}
+    table = {"serial": serial, "processes": processes}
     if kind not in table:
         raise RunError(f"--executor {kind!r}: expected serial, processes or dask")
     return table[kind]

@@ -3,7 +3,9 @@
 It ties the modules together, each with one job:
 
 - :mod:`bench.plan`: options validated, methods built once, the pair table read once (a :class:`Plan`);
-- :mod:`bench.store`: the run folder, its lock (one writer), its checked rows and file names;
+- :mod:`bench.record`: a result row, the run manifest (``run.json``: built, checked on resume) and the one
+  reader of both;
+- :mod:`bench.store`: the run folder, its lock (one writer), its rows and file names;
 - :mod:`bench.work`: one pair's work (:func:`bench.work.run_pair`), run inside workers;
 - :mod:`bench.executors` and :mod:`bench.supervise`: where that work runs (supervised worker processes, or
   Dask), each call bounded and a crash turned into a row;
@@ -18,15 +20,11 @@ call ends, so an interrupt keeps every finished row.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
-from bench import executors, provenance
-from bench.pairs import file_digest
+from bench import executors, provenance, record
 from bench.plan import (
     MethodSpec,
     PairTask,
@@ -38,7 +36,7 @@ from bench.plan import (
     parse_overrides,
     resolve_device,
 )
-from bench.schema import SCHEMA_VERSION, Status, caused_by_run
+from bench.record import RecordError, Status, caused_by_run
 from bench.store import FolderInUse, ResultStore, StoreError
 from bench.work import PairResult, run_pair
 
@@ -63,60 +61,6 @@ class RunSummary:
     retried: int = 0  # rows of earlier runs dropped to be run again
     # rows of this run that are not ok: (method, status) -> [count, first error]
     problems: dict[tuple[str, str], list] = field(default_factory=dict)
-
-
-def _manifest(plan: Plan) -> dict[str, Any]:
-    c = plan.config
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "command": c.command,
-        "git_commit": provenance.git_commit(),
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": provenance.machine_info(),
-        "packages": provenance.package_versions(),
-        "dataset": {
-            "path": str(plan.table.resolve()),
-            "embedded_sample": plan.embedded,
-            "sha256": file_digest(plan.table),
-            "n_pairs": len(plan.pairs),
-            "data_roots": [str(r) for r in c.data_roots],
-        },
-        "preprocess": dataclasses.asdict(plan.preprocess),
-        "methods": {s.name: {"version": s.version, "params": s.params_dict()} for s in plan.specs},
-        "skipped_methods": plan.skipped,
-        "device": plan.device,
-        "seed": c.seed,
-        "workers": plan.workers,
-        "executor": plan.executor,
-        "timeout_s": plan.timeout_s,
-        "success_threshold": plan.success_threshold,
-    }
-
-
-def _check_resume(store: ResultStore, old: dict[str, Any] | None, manifest: dict[str, Any], has_rows: bool) -> None:
-    if old is None:
-        if has_rows:
-            raise RunError(f"{store.folder} holds {store.results.name} but no {store.manifest.name}: its rows "
-                           "cannot be checked against this run; use a new --out")
-        return
-    if old.get("schema_version") != SCHEMA_VERSION:
-        raise RunError(f"{store.folder}: results of schema {old.get('schema_version')}, this is {SCHEMA_VERSION}: "
-                       "use a new --out")
-    if old.get("dataset", {}).get("sha256") != manifest["dataset"]["sha256"]:
-        raise RunError(f"{store.folder} holds results of another dataset ({old.get('dataset', {}).get('path')}): "
-                       "use a new --out")
-    if old.get("preprocess") != manifest["preprocess"]:
-        raise RunError(f"{store.folder} holds results made with other preprocessing parameters: use a new --out")
-    if old.get("success_threshold", manifest["success_threshold"]) != manifest["success_threshold"]:
-        raise RunError(f"{store.folder} holds results scored with --success-threshold "
-                       f"{old.get('success_threshold')}: use a new --out")
-    for name, info in manifest["methods"].items():
-        prev = old.get("methods", {}).get(name)
-        if prev and (prev.get("params") != info["params"] or prev.get("version") != info["version"]):
-            raise RunError(
-                f"{store.folder} holds {name!r} results made with other parameters or another version "
-                f"({prev}); use a new --out to compare them"
-            )
 
 
 def _to_retry(rows: list[dict[str, str]], wanted: set[tuple[str, str]], retry_failed: bool) -> set[tuple[str, str]]:
@@ -154,18 +98,19 @@ def _stored(store: ResultStore) -> int:
 
 
 def _run_locked(plan: Plan, store: ResultStore, progress: Callable | None) -> RunSummary:
-    manifest = _manifest(plan)
+    manifest = record.run_manifest(plan)
     old = store.read_manifest()
     rows = store.rows()
-    _check_resume(store, old, manifest, bool(rows))
+    try:
+        record.check_resume(store.folder, old, manifest, bool(rows))
+    except RecordError as exc:
+        raise RunError(str(exc)) from None
     wanted = {(p.pair_id, s.name) for p in plan.pairs for s in plan.specs}
     retry = _to_retry(rows, wanted, plan.config.retry_failed)
     retried = store.drop(retry) if retry else 0
     done = {(r["pair_id"], r["method"]) for r in rows} - retry
     if old:  # keep the record of earlier methods in this folder, refresh the rest
-        manifest["methods"] = {**old.get("methods", {}), **manifest["methods"]}
-        manifest["created"] = old.get("created", manifest["created"])
-        manifest["resumed"] = datetime.now(UTC).isoformat(timespec="seconds")
+        manifest = record.resumed(old, manifest)
     store.write_manifest(manifest)  # before any work: a resume checks against it
 
     def time_reference() -> None:  # called by the executor while its workers start (see bench.supervise)
@@ -200,13 +145,13 @@ def _run_locked(plan: Plan, store: ResultStore, progress: Callable | None) -> Ru
 def _store_result(res: PairResult, store: ResultStore, summary: RunSummary) -> None:
     """Write one result (warped landmarks first, then the rows) and count it."""
     for method, pts in res.warped.items():
-        store.write_warped(method, res.rows[0]["pair_id"], pts)
+        store.write_warped(method, res.rows[0].pair_id, pts)
     store.append(res.rows)
     summary.written += len(res.rows)
     for r in res.rows:
-        summary.counts[r["status"]] = summary.counts.get(r["status"], 0) + 1
-        if not Status(r["status"]).scored_by_method:
-            entry = summary.problems.setdefault((r["method"], r["status"]), [0, r.get("error") or ""])
+        summary.counts[r.status] = summary.counts.get(r.status, 0) + 1
+        if not Status(r.status).scored_by_method:
+            entry = summary.problems.setdefault((r.method, r.status), [0, r.error or ""])
             entry[0] += 1
 
 

@@ -15,8 +15,10 @@ The lock is an advisory ``flock`` on ``<folder>/.lock`` (the kernel drops it whe
 lock left by a killed run is recovered with no manual step); the file also names the holder (pid, command)
 for the refusal message. Taking the lock also repairs a half-written last line left by a killed writer.
 
-**Rows are checked when read**: a line that is not a result row (another tool's crash, a hand edit), or a
-second row for one (pair, method), raises :class:`StoreError` naming its line.
+**Rows are checked when read**, by the record's one reader (:func:`bench.record.read_rows`, which the report
+uses too): a line that is not a result row (another tool's crash, a hand edit), or a second row for one
+(pair, method), raises :class:`StoreError` naming its line. Rows are written as :class:`bench.record.Row`
+values, each through :meth:`bench.record.Row.cells`.
 
 **File names**: pair ids and method names become file names through :func:`safe_name` (unchanged when
 they are plain; percent-encoded otherwise), so nothing is written outside the folder and two names never
@@ -34,7 +36,6 @@ import contextlib
 import csv
 import hashlib
 import json
-import math
 import os
 import sys
 from collections.abc import Iterable, Iterator
@@ -44,18 +45,18 @@ from urllib.parse import quote
 
 import numpy as np
 
+from bench import record
 from bench.pairs import write_landmarks
-from bench.schema import COLUMNS, MANIFEST, RESULTS, SCHEMA_VERSION, STATUSES, WARPED
+from bench.record import COLUMNS, MANIFEST, RESULTS, WARPED, RecordError, Row, jsonable
 
-__all__ = ["COLUMNS", "SCHEMA_VERSION", "STATUSES", "FolderInUse", "ResultStore", "StoreError", "jsonable",
-           "safe_name", "warped_path"]
+__all__ = ["FolderInUse", "ResultStore", "StoreError", "safe_name", "warped_path"]
 
 LOCK = ".lock"
 _MAX_NAME = 150  # bytes of an encoded name before it is shortened with a hash
 
 
-class StoreError(ValueError):
-    """The folder cannot be used as a run folder (junk rows, foreign header, missing manifest)."""
+class StoreError(RecordError):
+    """The folder cannot be used as a run folder (junk rows, foreign header, unreadable manifest)."""
 
 
 class FolderInUse(RuntimeError):
@@ -86,33 +87,6 @@ def safe_name(name: str) -> str:
 def warped_path(folder: str | Path, method: str, pair_id: str) -> Path:
     """The warped-landmarks file of (method, pair) in a run folder."""
     return Path(folder) / WARPED / safe_name(method) / f"{safe_name(pair_id)}.csv"
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, bool | np.bool_):
-        return "True" if value else "False"
-    if isinstance(value, float | np.floating):
-        return "" if not math.isfinite(float(value)) else repr(float(value))
-    if isinstance(value, dict | list | tuple | np.ndarray):
-        return json.dumps(jsonable(value), sort_keys=True)
-    return " ".join(str(value).split())  # one line, always
-
-
-def jsonable(value: Any) -> Any:
-    """``value`` with numpy arrays and scalars, tuples and paths turned into JSON types (others kept)."""
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [jsonable(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    return value
 
 
 def _holder(lock_file: Path) -> str:
@@ -178,78 +152,40 @@ class ResultStore:
         if self.results.stat().st_size > 0:
             with self.results.open(newline="", encoding="utf-8-sig") as fh:
                 header = next(csv.reader(fh), [])
-            if tuple(header) != COLUMNS:
-                raise StoreError(
-                    f"{self.results}: not written by this version of the results schema "
-                    f"(schema {SCHEMA_VERSION}); use a new --out folder"
-                )
+            try:
+                record.check_header(header, self.results)
+            except RecordError as exc:
+                raise StoreError(f"{exc} (or use a new --out folder)") from None
 
     # -- reading ---------------------------------------------------------------------------------
     def rows(self) -> list[dict[str, str]]:
-        """Every stored row, checked: junk lines and repeated (pair, method) keys raise :class:`StoreError`."""
-        if not self.results.exists() or self.results.stat().st_size == 0:
-            return []
-        out: list[dict[str, str]] = []
-        first: dict[tuple[str, str], int] = {}
-        with self.results.open(newline="", encoding="utf-8-sig") as fh:
-            text = fh.read()
-        if not text.endswith("\n"):  # a line being written right now (read without the lock)
-            text = text[: text.rfind("\n") + 1]
-        reader = csv.reader(text.splitlines(keepends=True))
-        header = next(reader, [])
-        if tuple(header) != COLUMNS:
-            raise StoreError(f"{self.results}: not written by this version of the results schema; "
-                             "use a new --out folder")
-        for cells in reader:
-            line = reader.line_num
-            problem = None
-            if len(cells) != len(COLUMNS):
-                problem = f"{len(cells)} fields, expected {len(COLUMNS)}"
-            else:
-                row = dict(zip(COLUMNS, cells, strict=True))
-                if row["status"] not in STATUSES:
-                    problem = f"unknown status {row['status']!r}"
-                elif not row["method"] or not row["method_version"]:
-                    problem = "no method"
-            if problem:
-                raise StoreError(f"{self.results}: line {line}: not a result row ({problem}); "
-                                 "remove the line or use a new --out")
-            key = (row["pair_id"], row["method"])
-            if key in first:
-                raise StoreError(f"{self.results}: line {line}: a second row for pair {key[0]!r}, method "
-                                 f"{key[1]!r} (first on line {first[key]}); remove one or use a new --out")
-            first[key] = line
-            out.append(row)
-        return out
-
-    def done_keys(self) -> set[tuple[str, str]]:
-        return {(r["pair_id"], r["method"]) for r in self.rows()}
+        """Every stored row as written (strings), checked by :func:`bench.record.read_rows`: junk lines and
+        repeated (pair, method) keys raise :class:`StoreError`."""
+        try:
+            return record.read_rows(self.results)
+        except RecordError as exc:
+            raise StoreError(f"{exc} (or use a new --out folder)") from None
 
     def read_manifest(self) -> dict[str, Any] | None:
-        if not self.manifest.exists():
-            return None
+        """The folder's manifest (None when it has none), checked by :func:`bench.record.read_manifest`."""
         try:
-            return json.loads(self.manifest.read_text())
-        except (OSError, ValueError) as exc:
-            raise StoreError(f"{self.manifest}: unreadable ({exc}); use a new --out") from None
+            return record.read_manifest(self.manifest)
+        except RecordError as exc:
+            raise StoreError(f"{exc} (use a new --out folder)") from None
 
     # -- writing (under the lock) ----------------------------------------------------------------
-    def append(self, rows: Iterable[dict[str, Any]]) -> None:
+    def append(self, rows: Iterable[Row]) -> None:
         self._require_lock()
         rows = list(rows)
         if not rows:
             return
-        for row in rows:
-            unknown = set(row) - set(COLUMNS)
-            if unknown:
-                raise KeyError(f"not result columns: {sorted(unknown)}")
         new = not self.results.exists() or self.results.stat().st_size == 0
         with self.results.open("a", newline="") as fh:
             w = csv.writer(fh)
             if new:
                 w.writerow(COLUMNS)
             for row in rows:
-                w.writerow([_cell(row.get(c)) for c in COLUMNS])
+                w.writerow(row.cells())
             fh.flush()
             os.fsync(fh.fileno())
 

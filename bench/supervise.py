@@ -7,9 +7,10 @@ row with a message and goes on. Design:
 - N long-lived worker processes (spawned, so no state is shared with the parent) each take one pair at a
   time (:class:`bench.plan.PairTask`) and run the work function on it (:func:`bench.work.run_pair`); method
   instances and warm-up stay in the worker across pairs, exactly as in a plain loop.
-- Before each method call the worker tells the parent (method, phase, time limit, and the row to record if
-  the call never ends); after it, it sends the finished row. The parent writes rows as they come, so an
-  interrupt loses only the calls in flight.
+- Before each method call the worker tells the parent (method, phase, time limit, the method's device and
+  the pair's :class:`bench.record.Fallback`, from which the parent builds the row if the call never ends);
+  after it, it sends the finished row. The parent writes rows as they come, so an interrupt loses only the
+  calls in flight.
 - The time limit is enforced twice: inside the worker (``SIGALRM``: the call raises, the worker lives on)
   and by the parent (the limit plus :data:`GRACE_S`: the worker is killed, for calls stuck in native code).
 - A worker that dies (signal, exit) or overruns is replaced; its pair goes on in the new worker with the
@@ -38,8 +39,8 @@ from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from bench.plan import PairTask
-from bench.schema import CRASHED, Status
-from bench.work import PairResult, failed_rows
+from bench.record import CRASHED, Fallback, Row, Status
+from bench.work import PairResult
 
 GRACE_S = 2.0  # the parent kills a call this long (plus 10 %) after its limit, when SIGALRM did not stop it
 TAIL_PAIRS = 2  # with N workers, the last TAIL_PAIRS * N pairs are split into one task per method
@@ -103,11 +104,8 @@ def _worker_main(conn: Connection, parent_pid: int, threads: int | None, work: W
             if kind == "call":
                 conn.send((kind, {**data, "fallback": None}))
             elif kind == "row":
-                row = {k: data["row"].get(k) for k in ("pair_id", "tissue", "method", "method_version",
-                                                       "source_image", "target_image", "source_landmarks",
-                                                       "target_landmarks", "diagonal", "device")}
-                row.update(status=Status.FAILED.value, success=False, time_source=data["row"].get("time_source"),
-                           error=f"the result could not be sent to the harness: {type(exc).__name__}: {exc}")
+                row = data["row"].unsendable(
+                    f"the result could not be sent to the harness: {type(exc).__name__}: {exc}")
                 conn.send(("row", {"row": row, "warped": None}))
             else:
                 raise
@@ -146,7 +144,8 @@ class _Call:
     method: str
     phase: str
     limit: float | None
-    fallback: tuple[dict[str, Any], Any] | None
+    device: str
+    fallback: Fallback | None
     started: float
 
 
@@ -269,14 +268,14 @@ class Supervisor:
         del self.queue[best]
         return task
 
-    def _result(self, row: dict[str, Any], warped: Any) -> PairResult:
-        pid = row["pair_id"]
-        if isinstance(row.get("time_s"), float):
-            entry = self.cost.setdefault(row["method"], [0.0, 0])
-            entry[0] += row["time_s"]
+    def _result(self, row: Row, warped: Any) -> PairResult:
+        pid = row.pair_id
+        if isinstance(row.time_s, float):
+            entry = self.cost.setdefault(row.method, [0.0, 0])
+            entry[0] += row.time_s
             entry[1] += 1
         self.outstanding[pid] -= 1
-        return PairResult([row], {row["method"]: warped} if warped is not None else {},
+        return PairResult([row], {row.method: warped} if warped is not None else {},
                           finished=self.outstanding[pid] <= 0)
 
     def _receive(self, w: _Worker) -> Iterator[PairResult]:
@@ -290,10 +289,11 @@ class Supervisor:
                 return
             if kind == "call":
                 fallback = data["fallback"] or (w.call.fallback if w.call and w.call.method == data["method"] else None)
-                w.call = _Call(data["method"], data["phase"], data["limit"], fallback, time.monotonic())
+                w.call = _Call(data["method"], data["phase"], data["limit"], data["device"], fallback,
+                               time.monotonic())
             elif kind == "row":
                 w.call = None
-                w.done.add(data["row"]["method"])
+                w.done.add(data["row"].method)
                 yield self._result(data["row"], data["warped"])
             elif kind == "done":
                 w.task, w.call = None, None
@@ -309,20 +309,16 @@ class Supervisor:
             return
         rest = [s for s in task.methods if s.name not in w.done]
         if call is None:  # outside a method call: the pair itself kills workers, fail what is left of it
-            for row in failed_rows(task.pair, rest, f"{message} while reading or preparing the pair", task.device):
+            for spec in rest:
+                row = Row.failed(task.pair, spec, f"{message} while reading or preparing the pair", task.device)
                 yield self._result(row, None)
             return
         spec = next(s for s in rest if s.name == call.method)
-        if call.fallback is not None:
-            row, warped = dict(call.fallback[0]), call.fallback[1]
-        else:
-            row, warped = failed_rows(task.pair, [spec], "", task.device)[0], None
-        row.update(status=status, error=message, time_s=time.monotonic() - call.started, success=False,
-                   fallback=True)
         if call.phase == "warm-up":  # keep the CRASHED prefix first: it decides what a rerun retries
-            row["error"] = message.replace("the method call", "the first (warm-up) call") if message.startswith(
+            message = message.replace("the method call", "the first (warm-up) call") if message.startswith(
                 CRASHED) else f"first (warm-up) {message}"
-        yield self._result(row, warped)
+        row = Row.lost(task.pair, spec, call.device, call.fallback, status, message, time.monotonic() - call.started)
+        yield self._result(row, call.fallback.scores.warped if call.fallback is not None else None)
         rest = [s for s in rest if s.name != call.method]
         if rest:
             self.queue.appendleft(replace(task, methods=tuple(rest)))

@@ -8,10 +8,14 @@
    the pair at half size; both calls bounded by the time limit), checked (a finite, invertible matrix; JSON-serialisable diagnostics), composed into one
    matrix in original pixel coordinates, source landmarks warped by it, scored against the target landmarks.
 
+Rows are built by :class:`bench.record.Row`'s builders. The preprocessing alone (the answer of a call that
+gives none) is scored once per pair and stage (a :class:`bench.record.Fallback`), not once per call.
+
 It never raises for a bad pair or a failing method. ``on_event`` (when given) hears about each method call
-before it starts (with the row to record if the call never returns) and about each row as soon as it is
-made; the supervisor (:mod:`bench.supervise`) uses that to bound calls, survive crashes and keep every
-finished row. Method instances are built, prepared and warmed up once per process.
+before it starts (with the method's device and the pair's fallback, from which the supervisor builds the
+row if the call never returns) and about each row as soon as it is made; the supervisor
+(:mod:`bench.supervise`) uses that to bound calls, survive crashes and keep every finished row. Method
+instances are built, prepared and warmed up once per process.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import math
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,8 +38,7 @@ from bench.method import Context, ImageView, Method, RegistrationFailed
 from bench.pairs import LandmarkError, Pair, read_landmarks
 from bench.plan import MethodSpec, PairTask
 from bench.preprocess import ImageLoadError, PreparedPair
-from bench.schema import CRASHED, TIME_MEASURED, Status
-from bench.store import jsonable
+from bench.record import CRASHED, Fallback, Row, Scores, Status, jsonable
 from bench.timing import CallTimeout, timed
 
 Event = Callable[[str, dict[str, Any]], None]
@@ -49,7 +52,7 @@ WARM_UP_MIN_SIDE = 64  # the warm-up runs on the pair at half size when that lea
 class PairResult:
     """Rows of one pair (all of them, or one at a time from a supervised worker)."""
 
-    rows: list[dict[str, Any]]
+    rows: list[Row]
     warped: dict[str, np.ndarray] = field(default_factory=dict)  # method -> (N, 2) warped source landmarks
     finished: bool = True  # the last result of its pair
 
@@ -66,34 +69,6 @@ def _instance(spec: MethodSpec, ctx: Context) -> Method:
         m.prepare(ctx)
         _INSTANCES[key] = m
     return _INSTANCES[key]
-
-
-def base_row(pair: Pair, spec: MethodSpec, device: str = "") -> dict[str, Any]:
-    """The columns every row of (pair, method) has, whatever happened."""
-    return {
-        "pair_id": pair.pair_id,
-        "tissue": pair.tissue,
-        "method": spec.name,
-        "method_version": spec.version,
-        "params": spec.params_dict(),
-        "source_image": str(pair.source_image),
-        "target_image": str(pair.target_image),
-        "source_landmarks": str(pair.source_landmarks or ""),
-        "target_landmarks": str(pair.target_landmarks or ""),
-        "diagonal": pair.diagonal,
-        "success": False,
-        "time_source": TIME_MEASURED,
-        "device": device,
-    }
-
-
-def failed_rows(pair: Pair, specs: Iterable[MethodSpec], message: str, device: str = "") -> list[dict[str, Any]]:
-    rows = []
-    for spec in specs:
-        row = base_row(pair, spec, device)
-        row.update(status=Status.FAILED.value, error=message)
-        rows.append(row)
-    return rows
 
 
 # the last preprocessed pairs of this process whose task was one of several (a parallel run splits its
@@ -180,18 +155,24 @@ class _BadAnswer(Exception):
     """The method returned, but its answer is unusable (singular or non-finite matrix, diagnostics not JSON)."""
 
 
-def _score(row: dict[str, Any], task: PairTask, prepared: PreparedPair, matrix: np.ndarray,
-           src: np.ndarray | None, tgt: np.ndarray | None) -> np.ndarray | None:
-    """Fill the scores of ``row`` for ``matrix``; returns the warped source landmarks."""
-    row["diagonal"] = diagonal(task.pair, prepared)
-    if src is None:
-        return None
-    warped = geometry.apply(matrix, src)
-    if tgt is not None:
-        scores = metrics.score_pair(warped, src, tgt, row["diagonal"], task.success_threshold)
-        row.update(scores)
-        row["success"] = bool(scores["success"]) and row["status"] == Status.OK.value
-    return warped
+def _scores(task: PairTask, prepared: PreparedPair, matrix: np.ndarray, src: np.ndarray | None,
+            tgt: np.ndarray | None) -> Scores:
+    """``matrix`` (original pixel coordinates) scored on the task's pair."""
+    diag = diagonal(task.pair, prepared)
+    warped = None if src is None else geometry.apply(matrix, src)
+    values = {} if warped is None or tgt is None else metrics.score_pair(warped, src, tgt, diag,
+                                                                         task.success_threshold)
+    return Scores(matrix=matrix, diagonal=diag, values=values, warped=warped, has_target=tgt is not None)
+
+
+def _fallback(task: PairTask, stage: tuple[PreparedPair, float, bool], src: np.ndarray | None,
+              tgt: np.ndarray | None) -> Fallback:
+    """The pair's fallback for one preprocessing stage: what a pipeline falls back to when a call fails, the
+    preprocessing alone (its matrix scored), with the stage's diagnostics, time and cache hit."""
+    prepared, pre_time, cached = stage
+    pre_diag = {k: v for k, v in prepared.diagnostics.items() if isinstance(v, int | float | str | bool)}
+    return Fallback(scores=_scores(task, prepared, prepared.to_original(np.eye(3)), src, tgt),
+                    diagnostics=pre_diag, time_s=pre_time, cached=cached)
 
 
 def run_pair(task: PairTask, on_event: Event | None = None) -> PairResult:
@@ -199,44 +180,47 @@ def run_pair(task: PairTask, on_event: Event | None = None) -> PairResult:
     emit: Event = on_event or (lambda kind, data: None)
     result = PairResult(rows=[])
 
-    def record(rows: list[dict[str, Any]], warped: dict[str, np.ndarray] | None = None) -> PairResult:
+    def record(rows: list[Row], warped: dict[str, np.ndarray] | None = None) -> PairResult:
         for row in rows:
-            pts = (warped or {}).get(row["method"])
+            pts = (warped or {}).get(row.method)
             emit("row", {"row": row, "warped": pts})
             result.rows.append(row)
             if pts is not None:
-                result.warped[row["method"]] = pts
+                result.warped[row.method] = pts
         return result
+
+    def failed(specs, message: str) -> list[Row]:
+        return [Row.failed(pair, spec, message, task.device) for spec in specs]
 
     if task.plugins:
         registry.discover(task.plugins)
     pair = task.pair
     if pair.problem:
-        return record(failed_rows(pair, task.methods, pair.problem, task.device))
+        return record(failed(task.methods, pair.problem))
     try:
         src_lnd = read_landmarks(pair.source_landmarks) if pair.source_landmarks else None
         tgt_lnd = read_landmarks(pair.target_landmarks) if pair.target_landmarks else None
     except LandmarkError as exc:
-        return record(failed_rows(pair, task.methods, str(exc), task.device))
+        return record(failed(task.methods, str(exc)))
 
-    stages: dict[bool, tuple[PreparedPair, float, bool] | str] = {}
+    stages: dict[bool, tuple[PreparedPair, Fallback] | str] = {}
     for i, spec in enumerate(task.methods):
         full = factory.resolve(spec.name).uses_preprocessing
         if full not in stages:
             try:
-                stages[full] = _prepare(task, full)
+                prepared = _prepare(task, full)
             except (ImageLoadError, OSError, ValueError) as exc:
                 stages[full] = str(exc) if isinstance(exc, ImageLoadError) else f"{type(exc).__name__}: {exc}"
-            stage = stages[full]
-            problem = None if isinstance(stage, str) else check_inputs(pair, stage[0], src_lnd, tgt_lnd)
-            if problem:  # the table contradicts the images: no method of this pair is scored
-                return record(failed_rows(pair, task.methods[i:], problem, task.device))
+            else:
+                problem = check_inputs(pair, prepared[0], src_lnd, tgt_lnd)
+                if problem:  # the table contradicts the images: no method of this pair is scored
+                    return record(failed(task.methods[i:], problem))
+                stages[full] = (prepared[0], _fallback(task, prepared, src_lnd, tgt_lnd))
         stage = stages[full]
         if isinstance(stage, str):
-            record(failed_rows(pair, [spec], stage, task.device))
+            record(failed([spec], stage))
             continue
-        prepared, pre_time, cached = stage
-        row, warped = _run_method(task, spec, prepared, src_lnd, tgt_lnd, pre_time, cached, emit)
+        row, warped = _run_method(task, spec, *stage, src_lnd, tgt_lnd, emit)
         record([row], {spec.name: warped} if warped is not None else None)
     return result
 
@@ -277,35 +261,21 @@ def _run_method(
     task: PairTask,
     spec: MethodSpec,
     prepared: PreparedPair,
+    fallback: Fallback,
     src_lnd: np.ndarray | None,
     tgt_lnd: np.ndarray | None,
-    pre_time: float,
-    cached: bool,
     emit: Event,
-) -> tuple[dict[str, Any], np.ndarray | None]:
+) -> tuple[Row, np.ndarray | None]:
     pair = task.pair
     try:
         method = _instance(spec, Context(device=task.device, seed=task.seed, pair_id=pair.pair_id))
     except Exception as exc:  # noqa: BLE001 - a method that cannot even start fails its rows
-        return failed_rows(pair, [spec], f"cannot start method: {type(exc).__name__}: {exc}", task.device)[0], None
+        return Row.failed(pair, spec, f"cannot start method: {type(exc).__name__}: {exc}", task.device), None
     device = method.device_for(task.device)
     ctx = Context(device=device, seed=task.seed, pair_id=pair.pair_id)
-    pre_diag = {k: v for k, v in prepared.diagnostics.items() if isinstance(v, int | float | str | bool)}
 
-    def make_row(status: str, error: str, matrix: np.ndarray, diagnostics: dict[str, Any],
-                 wall: float | None, cpu: float | None) -> tuple[dict[str, Any], np.ndarray | None]:
-        row = base_row(pair, spec, device)
-        row.update(status=status, error=error, time_s=wall, time_cpu_s=cpu, matrix=matrix,
-                   diagnostics={**diagnostics, "preprocess": pre_diag}, fallback=status != Status.OK.value,
-                   time_preprocess_s=pre_time, preprocess_cached=cached)
-        warped = _score(row, task, prepared, matrix, src_lnd, tgt_lnd)
-        if tgt_lnd is None and status == Status.OK.value:
-            row["status"] = Status.UNSCORED.value
-        return row, warped
-
-    # what a pipeline falls back to when the call fails: the preprocessing alone
-    fallback_matrix = prepared.to_original(np.eye(3))
-    fallback = make_row(Status.FAILED.value, "", fallback_matrix, {}, None, None)
+    # sent before each call: the supervisor builds the row from it if the call never returns
+    announce = {"method": spec.name, "limit": task.timeout_s, "device": device, "fallback": fallback}
 
     def call():
         return method.estimate(prepared.fixed, prepared.moving, ctx)
@@ -317,12 +287,12 @@ def _run_method(
     try:
         if key not in _WARM:  # warm-up call, excluded from timing, bounded like the timed one
             phase = "warm-up"
-            emit("call", {"method": spec.name, "phase": phase, "limit": task.timeout_s, "fallback": fallback})
+            emit("call", {**announce, "phase": phase})
             timed(lambda: _warm_up(method, prepared, ctx), device=device, limit_s=task.timeout_s)
             _WARM.add(key)
             t0, c0 = time.perf_counter(), time.process_time()
             phase = "timed"
-        emit("call", {"method": spec.name, "phase": phase, "limit": task.timeout_s, "fallback": fallback})
+        emit("call", {**announce, "phase": phase})
         out = timed(call, device=device, limit_s=task.timeout_s)
         estimate, wall, cpu = out.value, out.wall_s, out.cpu_s
         if estimate.frame == "original":
@@ -353,7 +323,8 @@ def _run_method(
     wall, cpu = (out.wall_s, out.cpu_s) if status == Status.OK.value else (
         time.perf_counter() - t0, time.process_time() - c0)
     if status != Status.OK.value:
-        return make_row(status, error, fallback_matrix, diagnostics, wall, cpu)
-    row, warped = make_row(status, error, matrix, diagnostics, wall, cpu)
-    row["quality"] = row_quality
-    return row, warped
+        row = Row.answered(pair, spec, device, fallback, status, error, diagnostics, wall, cpu)
+        return row, fallback.scores.warped
+    scores = _scores(task, prepared, matrix, src_lnd, tgt_lnd)
+    return Row.answered(pair, spec, device, fallback, status, error, diagnostics, wall, cpu, scores,
+                        row_quality), scores.warped

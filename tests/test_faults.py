@@ -20,8 +20,8 @@ import pytest
 
 from bench import registry
 from bench.pairs import load_table
+from bench.record import caused_by_run
 from bench.runner import RunConfig, RunError, run
-from bench.schema import caused_by_run
 from bench.store import ResultStore, StoreError, safe_name, warped_path
 
 FAULTY = '''

@@ -26,13 +26,13 @@ from scipy import stats as sps
 
 from bench import geometry
 from bench import quality as bench_quality
+from bench.anhir_import import import_anhir
 from bench.method import ImageView
 from bench.pairs import file_digest, read_landmarks, write_landmarks
 from bench.report import (
     ReportError,
     build_report,
     export_anhir,
-    import_anhir,
     latest_run,
     load_runs,
     page,
@@ -521,6 +521,19 @@ def test_clear_errors(run_dir, tmp_path):
         build_report([empty])
     assert "\n" not in str(info.value)
     assert export_anhir(empty, "oracle", tmp_path / "sub").is_dir()  # an evaluation-only run still exports
+
+
+def test_rows_run_would_refuse_are_refused(run_dir, tmp_path):
+    """The report reads through the record's one reader: a junk line or a second row for one (pair, method),
+    which `bench run` refuses, is refused here too, naming its line."""
+    dup = _copy_run(run_dir, tmp_path / "dup")
+    lines = (dup / "results.csv").read_text().splitlines()
+    (dup / "results.csv").write_text("\n".join([*lines, lines[1]]) + "\n")
+    with pytest.raises(ReportError, match=f"line {len(lines) + 1}: a second row for pair '0'"):
+        build_report([dup])
+    (dup / "results.csv").write_text("\n".join([*lines, "not,a,result,row"]) + "\n")
+    with pytest.raises(ReportError, match=f"line {len(lines) + 1}: not a result row"):
+        build_report([dup])
 
 
 # ---------------------------------------------------------------- the report cannot mislead

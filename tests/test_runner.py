@@ -15,8 +15,8 @@ import pytest
 
 from bench import registry
 from bench.pairs import load_table, read_landmarks
+from bench.record import COLUMNS
 from bench.runner import RunConfig, RunError, run
-from bench.store import COLUMNS
 
 
 def _rows(out: Path) -> list[dict]:
@@ -303,11 +303,11 @@ def test_split_tasks_prepare_their_pair_once_per_process(tiny_table: Path, monke
     assert len(calls) == len(plan.specs)  # unsplit tasks are not kept in memory
     split_rows = [r for res in split for r in res.rows]
     # preprocessed and sift share one preparation, as in the unsplit task
-    assert split_rows[1]["time_preprocess_s"] == split_rows[2]["time_preprocess_s"]
+    assert split_rows[1].time_preprocess_s == split_rows[2].time_preprocess_s
     volatile = ("time_s", "time_cpu_s", "time_preprocess_s", "diagnostics")  # timings measured again
     for a, b in zip(whole.rows, split_rows, strict=True):
-        assert {k: str(v) for k, v in a.items() if k not in volatile} == {
-            k: str(v) for k, v in b.items() if k not in volatile}
+        assert {k: str(v) for k, v in a.as_dict().items() if k not in volatile} == {
+            k: str(v) for k, v in b.as_dict().items() if k not in volatile}
 
 
 def test_workers_end_by_themselves_after_the_last_pair(tiny_table: Path):
@@ -339,7 +339,7 @@ def test_reference_workload_gets_a_core_of_its_own(tiny_table: Path, monkeypatch
                                meanwhile=lambda: seen.append(len(sup.workers)))
     rows = [r for res in sup for r in res.rows]
     assert seen == [workers - 1]
-    assert sorted(r["pair_id"] for r in rows) == sorted(p.pair_id for p in plan.pairs)
+    assert sorted(r.pair_id for r in rows) == sorted(p.pair_id for p in plan.pairs)
 
 
 def test_a_plan_does_not_import_torch_when_no_gpu_can_be_there(tmp_path: Path):

@@ -18,7 +18,6 @@ import pandas as pd
 
 from bench.report import gallery, page, plots, reliability, stats, tables
 from bench.report.export import export_anhir
-from bench.report.importer import import_anhir
 from bench.report.load import ReportError, Run, landmark_errors, latest_run, load_run, load_runs, relpath
 
 __all__ = [
@@ -26,7 +25,6 @@ __all__ = [
     "build_report",
     "default_out_dir",
     "export_anhir",
-    "import_anhir",
     "latest_run",
     "load_run",
     "load_runs",

@@ -1,6 +1,8 @@
 """Read and validate run folders (``results.csv`` + ``run.json`` + ``warped-landmarks/``).
 
-The report only reads what a run stored; it never re-runs a method. :func:`load_runs` returns one tidy
+The report only reads what a run stored; it never re-runs a method. Both files are read by the record's one
+reader (:func:`bench.record.read_rows`, :func:`bench.record.read_manifest`), with the checks ``bench run``
+applies to a folder it resumes (junk lines and repeated (pair, method) rows are refused). :func:`load_runs` returns one tidy
 frame over every run with the columns of the results schema (numbers as floats, booleans as bools) plus:
 
 ``run``          the run folder's name
@@ -15,7 +17,6 @@ frame over every run with the columns of the results schema (numbers as floats, 
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -25,20 +26,17 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from bench import record
 from bench.pairs import DatasetError, LandmarkError, load_table, read_landmarks
-from bench.schema import (
-    BOOL_COLUMNS,
-    COLUMNS,
+from bench.record import (
     FAILURE_STATUSES,
     MANIFEST,
-    NUMERIC_COLUMNS,
     RESULTS,
-    SCHEMA_VERSION,
     WARPED,  # noqa: F401 - re-exported: export.py and gallery.py import it from here
+    RecordError,
 )
 
 DEFAULT_THRESHOLD = 0.035
-REQUIRED_COLUMNS = COLUMNS
 # the paper's row order (Initial, Preprocessed, Proposed, SIFT, SURF, Iterative); other methods follow
 PAPER_ORDER = ("identity", "preprocessed", "learned", "sift", "surf", "iterative", "elastix")
 
@@ -112,52 +110,28 @@ def warped_file(run_path: Path, method: str, pair_id: str) -> Path:
 
 
 def _read_manifest(path: Path) -> dict[str, Any]:
-    file = path / MANIFEST
-    if not file.is_file():
-        raise ReportError(f"{path}: no {MANIFEST} beside {RESULTS}: not a run folder written by `bench run`")
     try:
-        manifest = json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ReportError(f"{file}: not a run manifest (unreadable JSON: {exc})") from None
-    if not isinstance(manifest, dict):
-        raise ReportError(f"{file}: not a run manifest (a JSON object is expected)")
-    version = manifest.get("schema_version")
-    if version is None:
-        raise ReportError(
-            f"{file}: older results schema (no schema_version; this report reads {SCHEMA_VERSION})"
-        )
-    if not isinstance(version, int):
-        raise ReportError(f"{file}: bad schema_version {version!r} (an integer is expected)")
-    if version < SCHEMA_VERSION:
-        raise ReportError(
-            f"{file}: older results schema {version} (this report reads {SCHEMA_VERSION}); re-run the benchmark"
-        )
-    if version > SCHEMA_VERSION:
-        raise ReportError(
-            f"{file}: newer results schema {version} (this report reads {SCHEMA_VERSION}); update histreg-bench"
-        )
+        manifest = record.read_manifest(path / MANIFEST)
+    except RecordError as exc:
+        raise ReportError(str(exc)) from None
+    if manifest is None:
+        raise ReportError(f"{path}: no {MANIFEST} beside {RESULTS}: not a run folder written by `bench run`")
     return manifest
 
 
 def _read_results(path: Path) -> pd.DataFrame:
     file = path / RESULTS
+    if file.stat().st_size == 0:
+        raise ReportError(f"{file}: results file is empty")
     try:
-        df = pd.read_csv(file, dtype=str, keep_default_na=False)
-    except pd.errors.EmptyDataError:
-        raise ReportError(f"{file}: results file is empty") from None
-    except (OSError, UnicodeDecodeError, pd.errors.ParserError) as exc:
+        rows = record.read_rows(file)
+    except (OSError, UnicodeDecodeError) as exc:
         raise ReportError(f"{file}: cannot read results ({str(exc).splitlines()[0]})") from None
-    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
-    if missing:
-        raise ReportError(f"{file}: not a histreg-bench results file (missing columns: {', '.join(missing)})")
-    if df.empty:
+    except RecordError as exc:
+        raise ReportError(str(exc)) from None
+    if not rows:
         raise ReportError(f"{file}: results file has no rows")
-    for col in NUMERIC_COLUMNS:
-        df[col] = pd.to_numeric(df[col], errors="coerce").astype(float)
-    for col in BOOL_COLUMNS:
-        df[col] = df[col].str.strip().str.lower().isin(["true", "1", "yes"])
-    df["status"] = df["status"].str.strip().str.lower()
-    return df
+    return record.frame(rows)
 
 
 def load_run(path: str | Path, require_scored: bool = True) -> Run:

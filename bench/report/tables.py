@@ -15,7 +15,7 @@ Definitions (over the rows of one method label, i.e. one (method, device) of one
   ``reference_time_s`` is the run's fixed reference workload timed on its machine (``run.json``): a
   machine-normalised time;
 * ``time_source``: ``measured`` (the harness's clock), ``reported by the tool`` (imported submissions, see
-  :mod:`bench.report.importer`) or ``mixed``;
+  :mod:`bench.anhir_import`) or ``mixed``;
 * ``success_rate_pct``: 100 x (rows with ``success`` True) / evaluable rows (scored rows plus failed and
   timed-out rows; ``unscored`` rows, which have no ground truth, are left out);
 * ``robustness_mean``: mean over scored pairs of ``robustness``.
@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from bench.record import TIME_MEASURED, TIME_REPORTED
 from bench.report.load import FAILURE_STATUSES
-from bench.schema import TIME_MEASURED, TIME_REPORTED
 
 NUMBER_COLUMNS = (
     "median_rtre", "average_rtre", "average_max_rtre", "mean_time_ms", "mean_time_ref", "median_time_ms",

@@ -1,6 +1,11 @@
 """Import a submission in ANHIR's layout into a run folder, so tools that cannot run as a Method here (another
 Python environment, a GPU cluster, another language) are scored and reported beside the built-in methods.
 
+This module writes run folders, so it lives outside the report package (which only reads them); it reads the
+run through the report's loader (:func:`bench.report.load.load_run`), builds its rows with
+:meth:`bench.record.Row.begin` and takes the layout's column names from the layout's writer,
+:mod:`bench.report.export`.
+
 The submission is the challenge's pair table plus two columns (as :func:`bench.report.export.export_anhir`
 writes it, and as BIRL-compatible tools write it)::
 
@@ -36,14 +41,13 @@ import csv
 import math
 import shutil
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from bench import metrics
+from bench import metrics, record
 from bench.pairs import (
     COL_SOURCE_IMAGE,
     COL_SOURCE_LANDMARKS,
@@ -56,9 +60,9 @@ from bench.pairs import (
     load_table,
     read_landmarks,
 )
+from bench.record import TIME_REPORTED, Row
 from bench.report.export import COL_ERROR, COL_STATUS, COL_TIME, COL_WARPED
 from bench.report.load import DEFAULT_THRESHOLD, ReportError, load_run
-from bench.schema import TIME_REPORTED
 from bench.store import FolderInUse, ResultStore, StoreError, warped_path
 
 IMPORTED_VERSION = "imported"
@@ -156,29 +160,13 @@ def _diagonal(pair: Pair) -> float:
     return metrics.image_diagonal(*imageio.read_size(pair.target_image))
 
 
-def _row(pair: Pair, method: str, info: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "pair_id": pair.pair_id,
-        "tissue": pair.tissue,
-        "method": method,
-        "method_version": IMPORTED_VERSION,
-        "params": {},
-        "device": IMPORTED_DEVICE,
-        "time_source": TIME_REPORTED,
-        "fallback": False,
-        "success": False,
-        "preprocess_cached": False,
-        "source_image": str(pair.source_image),
-        "target_image": str(pair.target_image),
-        "source_landmarks": str(pair.source_landmarks or ""),
-        "target_landmarks": str(pair.target_landmarks or ""),
-        "diagonal": pair.diagonal,
-        "diagnostics": info,
-    }
+def _row(pair: Pair, method: str, info: dict[str, Any]) -> Row:
+    row = Row.begin(pair, method, IMPORTED_VERSION, {}, IMPORTED_DEVICE, TIME_REPORTED)
+    return row.update(fallback=False, preprocess_cached=False, diagnostics=info)
 
 
 def _score_row(pair: Pair, method: str, cell: str, minutes: str, table: Path, line: int, threshold: float,
-               verdict: tuple[str, str] = ("", "")) -> tuple[dict[str, Any], np.ndarray | None]:  # fmt: skip
+               verdict: tuple[str, str] = ("", "")) -> tuple[Row, np.ndarray | None]:  # fmt: skip
     """One result row (and the warped points to store) for one pair of the submission. ``verdict``: the
     tool's own (status, error) when the table has a ``Method status`` column: a ``failed`` or ``timeout``
     there keeps the row failed, scored with the landmarks given (as the runner scores a fallback)."""
@@ -187,7 +175,7 @@ def _score_row(pair: Pair, method: str, cell: str, minutes: str, table: Path, li
     if time_note:
         info["time_note"] = time_note
     row = _row(pair, method, info)
-    row["time_s"] = seconds
+    row.time_s = seconds
     if not cell.strip():
         row.update(status="failed", error=f"{table}: line {line}: no warped landmark file named for pair {pair.pair_id}")
         return row, None
@@ -199,7 +187,7 @@ def _score_row(pair: Pair, method: str, cell: str, minutes: str, table: Path, li
     except LandmarkError as exc:
         row.update(status="failed", error=f"warped landmarks of pair {pair.pair_id}: {exc}")
         return row, None
-    row["status"] = "ok"
+    row.status = "ok"
     if pair.problem:
         row.update(status="failed", error=pair.problem)
         return row, warped
@@ -214,17 +202,17 @@ def _score_row(pair: Pair, method: str, cell: str, minutes: str, table: Path, li
                    f"for {len(src)} source landmarks")  # fmt: skip
         return row, warped
     if tgt is None or src is None:
-        row["status"] = "unscored"
+        row.status = "unscored"
         return row, warped
     try:
         diagonal = _diagonal(pair)
     except Exception as exc:  # noqa: BLE001 - an unreadable target image fails this row only
         row.update(status="failed", error=f"pair {pair.pair_id}: no image diagonal ({type(exc).__name__}: {exc})")
         return row, warped
-    row["diagonal"] = diagonal
+    row.diagonal = diagonal
     scores = metrics.score_pair(warped, src, tgt, diagonal, threshold)
-    row.update(scores)
-    row["success"] = bool(scores["success"])
+    row.update(**scores)
+    row.success = bool(scores["success"])
     status, error = verdict
     if status.strip().lower() in ("failed", "timeout"):
         row.update(status=status.strip().lower(), success=False, fallback=True,
@@ -305,17 +293,12 @@ def import_anhir(run_dir: str | Path, method: str, table: str | Path, replace: b
                 store.write_warped(method, pid, pts)
             store.append(rows)
             manifest = store.read_manifest() or dict(run.manifest)
-            now = datetime.now(UTC).isoformat(timespec="seconds")
-            record = {"version": IMPORTED_VERSION, "params": {}, "source": {"table": str(table), "sha256": digest},
-                      "imported": now, "time_source": TIME_REPORTED}  # fmt: skip
-            manifest.setdefault("methods", {})[method] = record
-            manifest.setdefault("imports", []).append({"method": method, **record["source"], "imported": now,
-                                                       "rows": len(rows), "replaced": summary.replaced})  # fmt: skip
+            record.note_import(manifest, method, IMPORTED_VERSION, table, digest, len(rows), summary.replaced)
             store.write_manifest(manifest)
     except (StoreError, FolderInUse) as exc:
         raise ReportError(str(exc)) from None
     for r in rows:
-        summary.counts[r["status"]] = summary.counts.get(r["status"], 0) + 1
+        summary.counts[r.status] = summary.counts.get(r.status, 0) + 1
     return summary
 
 
