@@ -21,7 +21,7 @@ from bench.work import PairResult
 Executor = Callable[[list[PairTask], int, Callable, Callable | None], Iterator[PairResult]]
 
 
-def inline(tasks: list[PairTask], workers: int, work: Callable,  # noqa: ARG001
+def inline(tasks: list[PairTask], workers: int, work: Callable,
            meanwhile: Callable | None = None) -> Iterator[PairResult]:
     if meanwhile is not None:
         meanwhile()
@@ -29,7 +29,7 @@ def inline(tasks: list[PairTask], workers: int, work: Callable,  # noqa: ARG001
         yield work(t)
 
 
-def serial(tasks: list[PairTask], workers: int, work: Callable,  # noqa: ARG001
+def serial(tasks: list[PairTask], workers: int, work: Callable,
            meanwhile: Callable | None = None) -> Iterator[PairResult]:
     from bench.supervise import supervised
 
