@@ -410,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         say("interrupted")
         return 130
-    except Exception as exc:  # noqa: BLE001 - one line, not a traceback, unless --debug
+    except Exception as exc:  # one line, not a traceback, unless --debug
         if debug:
             raise
         text = str(exc) if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}"

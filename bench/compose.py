@@ -46,7 +46,7 @@ from bench.timing import CallTimeout, timed
 
 COMPOSE_VERSION = "1"
 # Quality (bench.quality.alignment_quality) a fallback alternative's result needs to be accepted. Chosen on
-# generated data (benchmarks/cascade_study.py, docs/compose.md).
+# generated data (docs/compose.md).
 DEFAULT_ACCEPT = 1.3
 _OWN_PARAMS = ("accept", "refuse_below")
 

@@ -20,7 +20,7 @@ from bench.work import PairResult
 Executor = Callable[[list[PairTask], int, Callable, Callable | None], Iterator[PairResult]]
 
 
-def serial(tasks: list[PairTask], workers: int, work: Callable,  # noqa: ARG001
+def serial(tasks: list[PairTask], workers: int, work: Callable,
            meanwhile: Callable | None = None) -> Iterator[PairResult]:
     from bench.supervise import supervised
 

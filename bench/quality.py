@@ -145,7 +145,7 @@ def alignment_evidence(
 
 # ---------------------------------------------------------------------------------------------
 # the harness's quality score (docs/quality.md); constants chosen on generated pairs only
-# (benchmarks/quality_auc.py generated)
+# (studies/quality_auc.py generated)
 
 QUALITY_SIZE = 256  # the score works on both images shrunk so the fixed one's longer side is this, px
 QUALITY_SCALES = (1.0, 2.0, 4.0)  # band-pass sigmas at that size, px (about 0.3 %, 0.6 %, 1.2 % of the diagonal)
@@ -260,7 +260,7 @@ def alignment_quality(fixed: Any, moving: Any, matrix: np.ndarray) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# how well the score predicts success (for reports and benchmarks/quality_auc.py)
+# how well the score predicts success (for reports and studies/quality_auc.py)
 
 LIKELY_FAILED_BELOW = 1.0  # quality below this: "likely failed" (chosen on generated pairs, docs/quality.md)
 

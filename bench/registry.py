@@ -192,7 +192,7 @@ def _load_module(target: str, spec: str):
         return _import_name(target)
     except PluginError:
         raise
-    except (Exception, SystemExit) as exc:  # noqa: BLE001 - any error of the user's module becomes one clear line
+    except (Exception, SystemExit) as exc:  # any error of the user's module becomes one clear line
         raise PluginError(f"plugin {spec!r} failed to import: {_cause(exc, None)}") from exc
 
 

@@ -100,7 +100,7 @@ def _worker_main(conn: Connection, parent_pid: int, threads: int | None, work: W
     def on_event(kind: str, data: dict[str, Any]) -> None:
         try:
             conn.send((kind, data))
-        except Exception as exc:  # noqa: BLE001 - e.g. an object that cannot be pickled
+        except Exception as exc:  # e.g. an object that cannot be pickled
             if kind == "call":
                 conn.send((kind, {**data, "fallback": None}))
             elif kind == "row":

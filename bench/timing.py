@@ -41,7 +41,7 @@ def time_limit(seconds: float | None) -> Iterator[None]:
         yield
         return
 
-    def _raise(signum, frame):  # noqa: ARG001
+    def _raise(signum, frame):
         raise CallTimeout(f"call exceeded the time limit of {seconds:g} s")
 
     old = signal.signal(signal.SIGALRM, _raise)

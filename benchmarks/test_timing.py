@@ -61,7 +61,7 @@ def test_preprocessing_stage(benchmark, pair_files):
 def _cuda() -> bool:
     if "torch" not in sys.modules:
         try:
-            import torch  # noqa: F401
+            import torch
         except ImportError:
             return False
     import torch

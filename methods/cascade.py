@@ -5,7 +5,7 @@ A fallback chain (:mod:`bench.compose`): ``sift``, then ``iterative``, then the 
 landmark-free quality (:func:`bench.quality.alignment_quality`) reaches ``accept`` (1.3) decides and the rest do
 not run; when none does, the pair is refused (``refuse_below`` = ``accept``).
 
-Chosen on generated data only (``benchmarks/cascade_study.py``, results in ``docs/compose.md``). Inside the
+Chosen on generated data only (``docs/compose.md``, which names the study script). Inside the
 cascade ``sift`` runs without its own evidence check (``min_evidence=0``): the cascade's quality check
 replaces it and costs less (it works at 256 px), so the common case (sift accepted) takes about sift's time.
 """

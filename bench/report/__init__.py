@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from bench import quality
 from bench.report import gallery, page, plots, reliability, stats, tables
 from bench.report.export import export_anhir
 from bench.report.load import ReportError, Run, landmark_errors, latest_run, load_run, load_runs, relpath
@@ -313,7 +314,7 @@ def build_report(run_dirs: list[Path], out_dir: Path | None = None, gallery_k: i
     out.mkdir(parents=True, exist_ok=True)
     notes: list[str] = []
     threshold = _threshold(runs, notes)
-    q_threshold, q_source = reliability.likely_failed_below()
+    q_threshold, q_source = quality.LIKELY_FAILED_BELOW, "bench.quality.LIKELY_FAILED_BELOW"
     multi = len(runs) > 1
     firsts = df.drop_duplicates("label")
     colours = plots.palette(firsts["label"].tolist(), firsts["method"].tolist())

@@ -9,7 +9,8 @@ withheld) has. The report checks it against the rows that *are* scored:
 * :func:`roc_points`: the ROC curve (false positive rate, true positive rate) over every quality cut;
 * :func:`quality_table`: n, successes, failures and AUC, over all methods and per method label, over the
   **scored ok rows with a finite quality** (failed rows carry no quality: their method already said so);
-* :func:`likely_failed`: every row, scored or not, whose quality is below :func:`likely_failed_below`.
+* :func:`likely_failed`: every row, scored or not, whose quality is below a threshold (the report
+  passes :data:`bench.quality.LIKELY_FAILED_BELOW`).
 """
 
 from __future__ import annotations
@@ -20,12 +21,6 @@ import numpy as np
 import pandas as pd
 
 from bench import quality
-
-
-def likely_failed_below() -> tuple[float, str]:
-    """The quality below which a row is "likely failed", and where the value comes from."""
-    return float(quality.LIKELY_FAILED_BELOW), "bench.quality.LIKELY_FAILED_BELOW"
-
 
 # one definition of the ROC statistics, in bench.quality (its doctests and tests hold them)
 auc = quality.roc_auc

@@ -1,16 +1,16 @@
 """Summarise benchmark runs on real pair sets into one Markdown table (the README's "What it measured here").
 
 Runs are ordinary ``bench run`` folders; this script only reads their ``results.csv``. Typical use, with the
-real pairs beside the checkout and the variants written outside it by ``benchmarks/make_variants.py``::
+real pairs beside the checkout and the variants written outside it by ``studies/make_variants.py``::
 
     python -m bench run --dataset ../shared/data/anhir-mini/dataset.csv --methods all --no-cache --out /tmp/r/mini
     python -m bench run --dataset /tmp/variants/moved/dataset.csv --methods all --no-cache --out /tmp/r/moved
     python -m bench run --dataset /tmp/variants/mirrored/dataset.csv --methods all --no-cache --out /tmp/r/mirrored
-    python benchmarks/evaluate_real.py mini=/tmp/r/mini moved=/tmp/r/moved mirrored=/tmp/r/mirrored
+    python studies/evaluate_real.py mini=/tmp/r/mini moved=/tmp/r/moved mirrored=/tmp/r/mirrored
 
 Per method and set: successes / pairs, median over pairs of the per-pair median rTRE (failed rows scored at
 the fallback, as in the report), median time per call; per set: the ROC AUC of ``quality`` for telling
-successes from failures over the ok rows of every method but identity (Mann-Whitney statistic).
+successes from failures over the ok rows of every method but identity (:func:`bench.quality.roc_auc`).
 """
 
 from __future__ import annotations
@@ -20,15 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy.stats import mannwhitneyu
 
-
-def auc(scores: np.ndarray, positive: np.ndarray) -> float:
-    """ROC AUC of ``scores`` for ``positive`` (ties count half), nan when one class is empty."""
-    pos, neg = scores[positive], scores[~positive]
-    if len(pos) == 0 or len(neg) == 0:
-        return float("nan")
-    return float(mannwhitneyu(pos, neg).statistic / (len(pos) * len(neg)))
+from bench.quality import roc_auc
 
 
 def load(folder: str) -> pd.DataFrame:
@@ -58,7 +51,7 @@ def main(argv: list[str]) -> int:
     print()
     for name, df in frames.items():
         ok = df[(df["status"] == "ok") & (df["method"] != "identity") & df["quality"].notna()]
-        print(f"{name}: quality ROC AUC {auc(ok['quality'].to_numpy(float), ok['success'].to_numpy()):.3f} "
+        print(f"{name}: quality ROC AUC {roc_auc(ok['quality'], ok['success']):.3f} "
               f"over {len(ok)} ok rows ({int(ok['success'].sum())} successes)")
     return 0
 

@@ -11,37 +11,20 @@ Writes three ANHIR tables under OUT:
 
 Landmarks that fall outside either cropped image are dropped (ANHIR coordinates are non-negative).
 
-usage: python benchmarks/frame_cut_pairs.py OUT [N=48] [SEED=777]
+usage: python studies/frame_cut_pairs.py OUT [N=48] [SEED=777]
 then:  python -m bench run --dataset OUT/cut/dataset.csv --methods preprocessed,learned
 """
 
-import csv
 import sys
 from pathlib import Path
 
 import cv2
 import numpy as np
-from bench.datasets.synthetic import TABLE_HEADER, write_dataset
+from bench.datasets.synthetic import write_dataset
+from common import move_on_canvas, save_pair, write_table
 
 from bench import geometry
-from bench.pairs import load_table, read_landmarks, write_landmarks
-
-
-def move_on_canvas(rng: np.random.Generator, img: np.ndarray,
-                   scale_range: tuple[float, float] = (0.8, 1.2)) -> tuple[np.ndarray, np.ndarray]:
-    """``img`` moved by a random affine onto a canvas holding all of it, filled with its border colour
-    (also used by ``flip_study.py``)."""
-    h, w = img.shape[:2]
-    a = geometry.random_affine(rng, ((w - 1) / 2, (h - 1) / 2), max_rotation_deg=180, scale_range=scale_range,
-                               max_shear=0.08)
-    corners = geometry.apply(a, np.array([[0, 0], [w - 1, 0], [0, h - 1], [w - 1, h - 1]], float))
-    lo, hi = corners.min(0), corners.max(0)
-    a = geometry.translation(-lo[0] + 20, -lo[1] + 20) @ a
-    size = (int(hi[0] - lo[0] + 41), int(hi[1] - lo[1] + 41))
-    border = np.median(np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]]), axis=0)
-    out = cv2.warpAffine(img, a[:2], size, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
-                         borderValue=tuple(int(v) for v in border))
-    return out, a
+from bench.pairs import load_table, read_landmarks
 
 
 def cut_table(table: Path, out: Path, move: bool) -> Path:
@@ -63,27 +46,12 @@ def cut_table(table: Path, out: Path, move: bool) -> Path:
                 m = a @ m
             images.append(img)
             points.append(geometry.apply(m, read_landmarks(marks)))
-        n = min(len(p) for p in points)
-        keep = np.ones(n, bool)
-        for p, img in zip(points, images, strict=True):
-            h, w = img.shape[:2]
-            keep &= (p[:n, 0] >= 0) & (p[:n, 1] >= 0) & (p[:n, 0] <= w - 1) & (p[:n, 1] <= h - 1)
-        row = [k]
-        for role, img, p in zip(("source", "target"), images, points, strict=True):
-            cv2.imwrite(str(out / f"{k:02d}_{role}.jpg"), img, [cv2.IMWRITE_JPEG_QUALITY, 92])
-            write_landmarks(out / f"{k:02d}_{role}.csv", p[:n][keep])
-            row += [f"{k:02d}_{role}.jpg", f"{k:02d}_{role}.csv"]
-        h, w = images[1].shape[:2]
-        rows.append(row + [f"{np.hypot(h, w):.2f}", f"({h}, {w})", "training"])
-    with (out / "dataset.csv").open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(TABLE_HEADER)
-        writer.writerows(rows)
-    return out / "dataset.csv"
+        rows.append(save_pair(out, k, images, points, bgr=True))
+    return write_table(out, rows)
 
 
 def main(argv: list[str]) -> int:
-    if not argv:
+    if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 2
     out = Path(argv[0])

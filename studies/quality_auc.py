@@ -2,7 +2,7 @@
 
 Two uses:
 
-``python benchmarks/quality_auc.py runs DIR [DIR ...] [--methods a,b] [--offline]``
+``python studies/quality_auc.py runs DIR [DIR ...] [--methods a,b] [--offline]``
     The ROC AUC of ``quality`` against ``success`` (median rTRE <= the run's threshold) per run folder, over
     its ``ok`` rows (those that carry a quality), overall and per method, by the Mann-Whitney statistic
     (:func:`bench.quality.roc_auc`); also the share of successes and failures below
@@ -10,12 +10,12 @@ Two uses:
     matrix with the current :func:`bench.quality.alignment_quality` (the pair is prepared again with the
     run's preprocessing parameters), for runs written before a change of the score.
 
-``python benchmarks/quality_auc.py cost FOLDER [--pairs N]``
+``python studies/quality_auc.py cost FOLDER [--pairs N]``
     The cost of the score: median wall time of one quality call and one ``sift`` call on the same prepared
     pairs of a ``generated`` folder, interleaved in one process (compare the ratio, not the times, on a
     shared machine).
 
-``python benchmarks/quality_auc.py generated OUT [--pairs N] [--seed S]``
+``python studies/quality_auc.py generated OUT [--pairs N] [--seed S]``
     The generated design set the score and its threshold were chosen on (never real data): ``N`` generated
     pairs written in the ANHIR layout under ``OUT`` (1024 px, elastic warp, any rotation, scale 0.85-1.2,
     shear; the source's structure finer than 3 or 6 px replaced by another section's, as between real
@@ -49,10 +49,10 @@ from bench.datasets.synthetic import (
 )
 
 from bench import Context, RegistrationFailed, geometry, quality
+from bench.metrics import SUCCESS_THRESHOLD as SUCCESS
 from bench.pairs import read_landmarks
 from bench.preprocess import PreprocessParams, prepare_pair
 
-SUCCESS = 0.035  # median rTRE at or below which a pair counts as aligned (the project's default)
 METHODS = ("sift", "surf", "iterative", "learned")
 
 
@@ -164,10 +164,12 @@ def report_runs(runs: list[Path], methods: list[str] | None, offline: bool) -> N
             ok["quality"] = offline_quality(run, ok)
         ok = ok.dropna(subset=["quality"])
         print(f"{run}: {len(ok)} ok rows ({int(ok['success'].sum())} successes), {len(df) - len(ok)} other rows")
-        _print_auc(ok, "method")
+        print_auc(ok, "method")
 
 
-def _print_auc(df: pd.DataFrame, by: str) -> None:
+def print_auc(df: pd.DataFrame, by: str) -> None:
+    """The AUC of ``quality`` for ``success`` over ``df``, then per value of its column ``by``, and how many
+    successes and failures score below :data:`bench.quality.LIKELY_FAILED_BELOW`."""
     cut = quality.LIKELY_FAILED_BELOW
     groups = [("all", df), *((str(k), g) for k, g in df.groupby(by))]
     for name, g in groups:
@@ -229,7 +231,7 @@ def main(argv: list[str] | None = None) -> None:
     cands.to_csv(a.out / "candidates.csv", index=False)
     print(f"{a.out}: {len(cands)} candidates ({int(cands['success'].sum())} successes); quality "
           f"{cands['quality_ms'].median():.1f} ms median per call")
-    _print_auc(cands, "kind")
+    print_auc(cands, "kind")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Render the shared preprocessing's tissue masks of every image of an ANHIR table into one PNG, to look at.
 
-usage: python benchmarks/mask_gallery.py TABLE.csv OUT.png [--side 230]
+usage: python studies/mask_gallery.py TABLE.csv OUT.png [--side 230]
 
 Each image is loaded at a small size through ``bench.imageio.load_image``, masked with
 ``bench.preprocess.tissue_mask`` (default parameters), and drawn with the mask outline in green, the masked-out
@@ -40,13 +40,13 @@ def panel(path: Path, side: int) -> np.ndarray:
     return canvas
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("table", type=Path)
     ap.add_argument("out", type=Path)
     ap.add_argument("--side", type=int, default=230)
     ap.add_argument("--columns", type=int, default=5)
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     paths = []
     for pair in load_table(a.table):
         for p in (pair.source_image, pair.target_image):

@@ -8,8 +8,8 @@ source is drawn on a canvas that holds all of it, filled with its own background
 
 Never commit the output (it is derived from the real data); never train or tune on it. Usage::
 
-    python benchmarks/make_variants.py ../shared/data/anhir-mini/dataset.csv /tmp/variants/moved --copies 3
-    python benchmarks/make_variants.py ../shared/data/anhir-mini/dataset.csv /tmp/variants/mirrored --mirror
+    python studies/make_variants.py ../shared/data/anhir-mini/dataset.csv /tmp/variants/moved --copies 3
+    python studies/make_variants.py ../shared/data/anhir-mini/dataset.csv /tmp/variants/mirrored --mirror
 
 then ``python -m bench run --dataset /tmp/variants/moved/dataset.csv ...``.
 """

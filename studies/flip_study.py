@@ -17,9 +17,9 @@ Sets (``N`` base pairs each, generator ``bench.datasets.synthetic``, stains diff
 
 usage (the documented sets: A = ``make OUT 32 31``, B = ``make OUT 48 32``)::
 
-    python benchmarks/flip_study.py make OUT [N=32] [SEED=31]      # write the four tables
-    python benchmarks/flip_study.py measure OUT/{whole,fov}/{plain,mirrored}/dataset.csv > rows.jsonl
-    python benchmarks/flip_study.py analyse rows.jsonl            # separations, decision rules, outcomes
+    python studies/flip_study.py make OUT [N=32] [SEED=31]      # write the four tables
+    python studies/flip_study.py measure OUT/{whole,fov}/{plain,mirrored}/dataset.csv > rows.jsonl
+    python studies/flip_study.py analyse rows.jsonl            # separations, decision rules, outcomes
 
 ``measure`` prints one JSON line per pair: for each mirror state (``flipped``, ``unflipped``) its NCC,
 angle, the stage's rTRE if that state were chosen and the texture MI at four (size, sigma) settings, plus
@@ -30,7 +30,7 @@ how often the right state aligns and the decision picks it.
 
 from __future__ import annotations
 
-import csv
+import dataclasses
 import json
 import sys
 import time
@@ -38,20 +38,19 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from bench.datasets.synthetic import TABLE_HEADER, GeneratorConfig, generate_pair
-from frame_cut_pairs import move_on_canvas  # noqa: E402 - a sibling script (benchmarks/ is on sys.path when run)
+from bench.datasets.synthetic import GeneratorConfig, generate_pair
+from common import gamma_lut, move_on_canvas, save_pair, write_table
 
 from bench import geometry
 from bench import preprocess as pre
-from bench.pairs import load_table, read_landmarks, write_landmarks
+from bench.pairs import load_table, read_landmarks
 from bench.preprocess.images import load_both
 
 CONFIG = GeneratorConfig(size=800, scale_range=(0.85, 1.2), max_shear=0.08, n_landmarks=30)
 
 
 def _gamma(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    g = float(np.exp(rng.uniform(np.log(0.8), np.log(1.25))))
-    return cv2.LUT(img, (255.0 * (np.arange(256) / 255.0) ** g).clip(0, 255).astype(np.uint8))
+    return cv2.LUT(img, gamma_lut(float(np.exp(rng.uniform(np.log(0.8), np.log(1.25))))))
 
 
 def _mirror(img: np.ndarray, left_right: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -62,32 +61,9 @@ def _mirror(img: np.ndarray, left_right: bool) -> tuple[np.ndarray, np.ndarray]:
     return img[::-1].copy(), np.array([[1.0, 0, 0], [0, -1, h - 1], [0, 0, 1]])
 
 
-def _write_table(folder: Path, rows: list[list]) -> Path:
-    with (folder / "dataset.csv").open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(TABLE_HEADER)
-        writer.writerows(rows)
-    return folder / "dataset.csv"
-
-
-def _save(folder: Path, k: int, images, points) -> list:
-    """Write one pair (landmarks outside either image dropped); return its table row."""
-    n = min(len(p) for p in points)
-    keep = np.ones(n, bool)
-    for p, img in zip(points, images, strict=True):
-        h, w = img.shape[:2]
-        keep &= (p[:n, 0] >= 0) & (p[:n, 1] >= 0) & (p[:n, 0] <= w - 1) & (p[:n, 1] <= h - 1)
-    row = [k]
-    for role, img, p in zip(("source", "target"), images, points, strict=True):
-        cv2.imwrite(str(folder / f"{k:02d}_{role}.jpg"), img[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 92])
-        write_landmarks(folder / f"{k:02d}_{role}.csv", p[:n][keep])
-        row += [f"{k:02d}_{role}.jpg", f"{k:02d}_{role}.csv"]
-    h, w = images[1].shape[:2]
-    return row + [f"{np.hypot(h, w):.2f}", f"({h}, {w})", "training"]
-
-
-def make_sets(out: Path, n: int, seed: int) -> list[Path]:
-    """Write ``whole/{plain,mirrored}`` and ``fov/{plain,mirrored}`` (see the module docstring)."""
+def make_sets(out: Path, n: int, seed: int, size: int = 800) -> list[Path]:
+    """Write ``whole/{plain,mirrored}`` and ``fov/{plain,mirrored}`` (see the module docstring); ``size``: the
+    generator's image size (800 for the documented sets)."""
     folders = {name: out / name for name in ("whole/plain", "whole/mirrored", "fov/plain", "fov/mirrored")}
     for f in folders.values():
         f.mkdir(parents=True, exist_ok=True)
@@ -95,8 +71,8 @@ def make_sets(out: Path, n: int, seed: int) -> list[Path]:
     for k in range(n):
         for kind in ("whole", "fov"):
             pair_seed = int(np.random.SeedSequence([seed, k, kind == "fov"]).generate_state(1)[0])
-            config = CONFIG if kind == "whole" else GeneratorConfig(
-                size=800, n_landmarks=40, max_rotation_deg=0.0, scale_range=(1.0, 1.0), max_shear=0.0)
+            config = dataclasses.replace(CONFIG, size=size) if kind == "whole" else GeneratorConfig(
+                size=size, n_landmarks=40, max_rotation_deg=0.0, scale_range=(1.0, 1.0), max_shear=0.0)
             pair = generate_pair(pair_seed, config=config)
             rng = np.random.default_rng([seed, k, 7 if kind == "fov" else 3])
             src, tgt = pair.source_rgb, pair.target_rgb
@@ -117,7 +93,7 @@ def make_sets(out: Path, n: int, seed: int) -> list[Path]:
                     moved, a = move_on_canvas(rng, s, scale_range=(0.85, 1.2))
                     moved = _gamma(moved, rng)
                     name = f"fov/{'mirrored' if mirrored else 'plain'}"
-                    rows[name].append(_save(folders[name], k, (moved, tgt), (geometry.apply(a @ m, ls), lt)))
+                    rows[name].append(save_pair(folders[name], k, (moved, tgt), (geometry.apply(a @ m, ls), lt)))
             else:
                 left_right = bool(rng.random() < 0.5)
                 state = rng.bit_generator.state
@@ -126,8 +102,8 @@ def make_sets(out: Path, n: int, seed: int) -> list[Path]:
                     s, m = (_mirror(src, left_right) if mirrored else (src, np.eye(3)))
                     s = _gamma(s, rng)
                     name = f"whole/{'mirrored' if mirrored else 'plain'}"
-                    rows[name].append(_save(folders[name], k, (s, tgt), (geometry.apply(m, ls), lt)))
-    return [_write_table(folders[name], rows[name]) for name in folders]
+                    rows[name].append(save_pair(folders[name], k, (s, tgt), (geometry.apply(m, ls), lt)))
+    return [write_table(folders[name], rows[name]) for name in folders]
 
 
 # ---------------------------------------------------------------------------------------------
