@@ -163,11 +163,13 @@ class _Worker:
         parent, child = self.ctx.Pipe()
         self.proc = self.ctx.Process(target=_worker_main, args=(child, os.getpid(), self.threads, self.work),
                                      daemon=True, name="bench-worker")
-        old = signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited through exec: workers ignore Ctrl-C
-        try:
+        main = threading.current_thread() is threading.main_thread()  # signals can be set there only (a Dask
+        old = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None  # task runs in a thread)
+        try:  # SIG_IGN is inherited through exec: workers ignore Ctrl-C
             self.proc.start()
         finally:
-            signal.signal(signal.SIGINT, old)
+            if main:
+                signal.signal(signal.SIGINT, old)
         child.close()
         self.conn = parent
 
@@ -367,3 +369,52 @@ def supervised(tasks: list[PairTask], workers: int, work: Work, threads: int | N
     """Results of ``tasks`` run by ``work`` in ``workers`` supervised processes, one row at a time
     (``meanwhile``: see :meth:`Supervisor._start_workers`)."""
     yield from Supervisor(tasks, workers, work, threads, meanwhile)
+
+
+class Resident(Supervisor):
+    """One supervised worker kept across task lists (see :func:`resident`): a list that ends normally leaves
+    it running with its method instances and warm-up, as a local run's worker keeps them across pairs; an
+    error or an abandoned iteration ends it, and the next list starts a fresh one."""
+
+    def __init__(self, work: Work, threads: int | None = None) -> None:
+        super().__init__([], 1, work, threads)
+        self.n_workers = 1
+
+    def _start_workers(self) -> None:
+        if not self.workers:
+            self.workers.append(_Worker(self.ctx, self.work, self.threads))
+
+    def close(self, kill: bool = True) -> None:
+        if kill:
+            super().close(kill=True)
+
+    def results(self, tasks: list[PairTask]) -> Iterator[PairResult]:
+        self.queue = deque(tasks)
+        self.outstanding = {}
+        for t in tasks:
+            self.outstanding[t.pair.pair_id] = self.outstanding.get(t.pair.pair_id, 0) + len(t.methods)
+        yield from self
+
+
+_RESIDENTS = threading.local()  # per thread: (work, threads) -> Resident
+
+
+def resident(tasks: list[PairTask], work: Work, threads: int | None = None) -> list[PairResult]:
+    """Results of ``tasks``, run one call at a time in a supervised worker process that this thread keeps
+    between calls: the Dask path runs each task this way (:mod:`bench.distributed`), so a method that
+    crashes or hangs becomes its row exactly as in a local run, and the Dask worker never dies of it.
+
+    One resident per thread (Linux ends a child whose parent *thread* ends: ``die_with_parent``), so a Dask
+    worker with N threads keeps N. A Dask worker under a nanny is a daemon process, which Python forbids to
+    start children: the flag is lifted here (it only guards ``Process.start``; the nanny still ends the
+    worker, and the resident with it).
+    """
+    with contextlib.suppress(AttributeError):
+        config = mp.current_process()._config
+        if config.get("daemon"):
+            config["daemon"] = False
+    mine = _RESIDENTS.__dict__.setdefault("by_work", {})
+    worker = mine.get((work, threads))
+    if worker is None:
+        worker = mine[(work, threads)] = Resident(work, threads)
+    return list(worker.results(tasks))  # an error ends the worker's process (close(kill=True)) and propagates
