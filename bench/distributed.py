@@ -27,8 +27,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from bench.plan import PairTask
-from bench.schema import CRASHED
-from bench.work import PairResult, failed_rows
+from bench.record import CRASHED, Row
+from bench.work import PairResult
 
 LOST_MESSAGE_CHARS = 300  # of the Dask error quoted in a lost task's rows
 
@@ -50,7 +50,7 @@ def lost_task(task: PairTask, exc: BaseException) -> PairResult:
     if len(detail) > LOST_MESSAGE_CHARS:
         detail = detail[:LOST_MESSAGE_CHARS - 3] + "..."
     message = f"{CRASHED} the Dask task of this pair was lost ({detail})"
-    return PairResult(failed_rows(task.pair, task.methods, message, task.device), {}, finished=True)
+    return PairResult([Row.failed(task.pair, spec, message, task.device) for spec in task.methods], {}, finished=True)
 
 
 def dask_executor(scheduler: str | None) -> Callable[..., Iterator[PairResult]]:

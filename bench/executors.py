@@ -6,7 +6,7 @@ rows land the same way from any executor.
 
 - ``serial``: one supervised worker process with the machine's threads (:mod:`bench.supervise`);
 - ``processes``: N supervised worker processes, each capped to ``cores / N`` threads;
-- ``dask``: a Dask cluster (:mod:`bench.distributed`; calls are not supervised there).
+- ``dask``: a Dask cluster (:mod:`bench.distributed`; each task supervised in a child of its Dask worker).
 """
 
 from __future__ import annotations

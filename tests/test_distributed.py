@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from bench import registry
+from bench.record import caused_by_run
 from bench.runner import RunConfig, run
-from bench.schema import caused_by_run
 
 pytest.importorskip("distributed", reason="the Dask executor needs: pip install 'histreg-bench[distributed]'")
 
@@ -118,7 +118,7 @@ def test_resident_worker_is_kept_across_tasks_and_replaced_when_it_dies(tiny_tab
     def tasks() -> None:
         for i, specs in enumerate([(identity,), (identity,), (segv, identity), (identity,)]):
             rows = [r for res in resident([plan.task(plan.pairs[i % 3], specs)], run_pair, 1) for r in res.rows]
-            seen[i] = ([(r["method"], r["status"], r["error"]) for r in rows],
+            seen[i] = ([(r.method, r.status, r.error) for r in rows],
                        _RESIDENTS.by_work[(run_pair, 1)].workers[0].proc.pid)
         _RESIDENTS.by_work.pop((run_pair, 1)).close()
 
