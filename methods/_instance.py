@@ -319,6 +319,10 @@ def optimise_affine(fixed: ImageView, moving: ImageView, *, size: int, levels: i
     fixed_to_moving[:2, 2] = c + t - a @ c
     if not np.all(np.isfinite(fixed_to_moving)) or abs(np.linalg.det(a)) < 1e-6:
         raise RegistrationFailed("affine-io: degenerate affine (singular linear part)")
+    sv = np.linalg.svd(a, compute_uv=False)
+    if sv.max() > 5.0 or sv.min() < 0.2 or np.abs(t).max() > 2 * max(big_h, big_w):
+        raise RegistrationFailed(f"affine-io diverged: scales {sv.min():.3g}..{sv.max():.3g}, "
+                                 f"shift {np.abs(t).max():.3g} px")
     return Result(matrix=np.linalg.inv(fixed_to_moving), diagnostics={"device": dev, "levels": records,
                                                                       "fixed_to_moving": fixed_to_moving.tolist()})
 

@@ -5,9 +5,10 @@ A nonrigid stage after an initial alignment (``sift>demons``): it returns the id
 :class:`bench.deformation.Deformation`. The working images are resized so that the fixed image's longer side is
 ``size`` pixels at the finest level (halved per coarser level; :mod:`bench.methods._sitk_field` gives them
 physical coordinates in working pixels); the moving image is resampled onto the fixed grid. Demons assumes
-equal intensities, which two stains do not have: ``intensity="histogram"`` matches the moving image's histogram
-to the fixed one's first (tissue is bright in both inverted grayscales, so the mapping is roughly monotonic);
-``"gradient"`` registers the two images' normalised gradient magnitudes instead. At each level the filter
+equal intensities, which two stains do not have: ``intensity="gradient"`` (the default) registers the two
+images' gradient magnitudes, each normalised by its 99th percentile; ``"histogram"`` matches the moving
+image's histogram to the fixed one's (tissue is bright in both inverted grayscales, so the mapping is roughly
+monotonic), which on generated pairs recovered little and moved perfectly aligned pairs by 1.7 px. At each level the filter
 starts from the previous level's field (resampled) and smooths its field by a Gaussian of ``sigma`` level
 pixels (diffusion-like regularisation).
 
@@ -38,9 +39,9 @@ class DemonsParams:
     size: int = 512  # longer side of the finest level (the field's grid), pixels
     levels: int = 3  # pyramid levels, each half the size of the next
     iterations: tuple[int, ...] = (50, 50, 30)  # demons iterations per level, coarsest first
-    sigma: float = 2.0  # Gaussian smoothing of the displacement field each iteration, level pixels
+    sigma: float = 6.0  # Gaussian smoothing of the displacement field each iteration, level pixels
     max_step: float = 1.0  # largest update per iteration, level pixels
-    intensity: Literal["histogram", "gradient"] = "histogram"  # how the two stains are made comparable
+    intensity: Literal["histogram", "gradient"] = "gradient"  # how the two stains are made comparable
     image_sigma: float = 1.0  # Gaussian smoothing of the images before registering, level pixels
     max_folding: float = 0.005  # share of the field allowed a non-positive Jacobian before it fails
     threads: int = 1  # SimpleITK threads (1: reproducible)
@@ -72,7 +73,7 @@ class Demons(Method):
     name = "demons"
     kind = "nonrigid"
     version = "1"
-    description = "SimpleITK fast symmetric forces demons, multi-resolution, histogram-matched, reduced size."
+    description = "SimpleITK fast symmetric forces demons on gradient magnitudes, multi-resolution, reduced size."
     uses_preprocessing = True
     devices = ("cpu",)
     Params = DemonsParams
