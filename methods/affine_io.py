@@ -50,11 +50,6 @@ class AffineIO(Method):
     uses_preprocessing = True
     devices = ("cpu", "cuda")
     Params = AffineIOParams
-    known_limits = {  # contract checks it fails by design (bench.conformance)
-        "recovers_translation": "a local refinement: a shift of 6 % of the image is outside its capture range",
-        "recovers_known_transform": "a local refinement of the preprocessing: the 12 % scale is beyond the range it "
-                                    "is tuned for",
-    }
 
     def estimate(self, fixed: ImageView, moving: ImageView, context: Context) -> Estimate:
         from bench.methods._instance import finest_similarity, optimise_affine

@@ -13,7 +13,8 @@ mapping) or correlation, sampled randomly (seeded by ``context.seed``) inside th
 The transform maps fixed working points to moving ones, ``T(x) = x + d(x)``;
 ``TransformToDisplacementField`` samples ``d`` on the fixed reduced grid, which with the identity matrix is the
 Deformation's ``u``. When the full-sample metric at the end is not better than at the start, the zero field is
-returned (``kept_start``). A non-finite field, or one folding on more than ``max_folding`` of its grid, raises
+returned (``kept_start``), also when the optimiser steps out of the images' overlap (SimpleITK's "All samples
+map outside moving image buffer", seen from a poor start). A non-finite field, or one folding on more than ``max_folding`` of its grid, raises
 :class:`bench.RegistrationFailed`.
 
 Defaults chosen on generated pairs only (``studies/nonrigid_defaults.py``, ``docs/nonrigid.md``).
@@ -104,11 +105,16 @@ class BSpline(Method):
             reg.AddCommand(sitk.sitkMultiResolutionIterationEvent, lambda: per_level.append(0))
             reg.AddCommand(sitk.sitkIterationEvent, lambda: per_level.__setitem__(-1, per_level[-1] + 1))
             start = full_metric(f_img, m_img, sitk.Transform(2, sitk.sitkIdentity), mask, p.metric, p.histogram_bins)
+            lost = ""
             try:
                 out = reg.Execute(f_img, m_img)
+                end = full_metric(f_img, m_img, out, mask, p.metric, p.histogram_bins)
             except RuntimeError as exc:
-                raise RegistrationFailed(f"bspline: SimpleITK failed: {str(exc).strip().splitlines()[-1]}") from None
-            end = full_metric(f_img, m_img, out, mask, p.metric, p.histogram_bins)
+                if "outside" not in str(exc) or not p.keep_start:
+                    raise RegistrationFailed(f"bspline: SimpleITK failed: {str(exc).strip().splitlines()[-1]}") from None
+                # the optimiser stepped out of the images (a poor start): the start is the better answer
+                lost = "the optimiser left the images' overlap; start kept"
+                out, end = sitk.Transform(2, sitk.sitkIdentity), start
             disp = sitk.TransformToDisplacementField(out, sitk.sitkVectorFloat64, f_img.GetSize(), f_img.GetOrigin(),
                                                      f_img.GetSpacing(), f_img.GetDirection())
         d = field_of(disp, fixed.shape)
@@ -118,10 +124,10 @@ class BSpline(Method):
         if share > p.max_folding:
             raise RegistrationFailed(f"bspline field folds on {100 * share:.2f} % of its grid "
                                      f"(limit {100 * p.max_folding:.2f} %)")
-        kept = bool(p.keep_start and not end < start)
+        kept = bool(p.keep_start and (lost or not end < start))
         if kept:
             d = Deformation.zeros(fixed.shape, d.grid_shape)
-        diag = {"stop_condition": reg.GetOptimizerStopConditionDescription(), "iterations_per_level": per_level,
+        diag = {"stop_condition": lost or reg.GetOptimizerStopConditionDescription(), "iterations_per_level": per_level,
                 "metric_start": round(float(start), 6), "metric_end": round(float(end), 6), "kept_start": kept,
                 "folding": round(share, 6), "max_displacement_px": round(float(np.linalg.norm(d.field, axis=2).max()), 3),
                 "seconds": round(time.perf_counter() - t0, 3)}
