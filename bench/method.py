@@ -4,6 +4,8 @@ A method never reads files, computes metrics or times itself: the harness does a
 the two images of one pair in a *working frame* (after the shared preprocessing, when it uses it) and
 returns an :class:`Estimate`: an affine matrix that maps **moving (source) working-frame points into the
 fixed (target) working frame**. The harness turns that into one matrix in original pixel coordinates.
+A nonrigid method (``kind = "nonrigid"``) may add a :class:`bench.deformation.Deformation`: a dense
+displacement field on the fixed working frame that refines the matrix (see :class:`Estimate`).
 """
 
 from __future__ import annotations
@@ -14,11 +16,14 @@ import json
 import math
 import typing
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
 from bench.geometry import as_3x3
+
+if TYPE_CHECKING:
+    from bench.deformation import Deformation
 
 
 class RegistrationFailed(RuntimeError):
@@ -75,16 +80,36 @@ class Estimate:
     the harness uses it as it is instead of composing it with the resampling and the preprocessing; the
     ``identity`` method uses it, because the two images' working frames differ by the rounding of their
     resampled sizes and a working-frame identity is then not exactly the identity.
+
+    ``deformation`` (optional, nonrigid methods): a :class:`bench.deformation.Deformation`, a dense
+    displacement field ``u`` on the fixed working frame (its ``shape`` is the fixed working shape). With
+    it, the fixed working point ``x`` corresponds to the moving working point ``M^-1 (x + u(x))``, ``M``
+    being ``matrix``; with ``u = 0`` that is the affine meaning. A method may return a matrix and a
+    deformation (a pure deformation: the identity matrix). Only with ``frame="working"``. The constructor
+    checks that it is a Deformation with a ``shape``; the harness checks it further
+    (:func:`bench.deformation.check`).
     """
 
     matrix: np.ndarray
     diagnostics: dict[str, Any] = field(default_factory=dict)
     frame: str = "working"
+    deformation: Deformation | None = None
 
     def __post_init__(self) -> None:
         self.matrix = as_3x3(self.matrix)
         if self.frame not in ("working", "original"):
             raise ValueError(f"Estimate.frame must be 'working' or 'original', got {self.frame!r}")
+        if self.deformation is not None:
+            from bench.deformation import Deformation
+
+            if not isinstance(self.deformation, Deformation):
+                raise ValueError(f"Estimate.deformation must be a bench.deformation.Deformation, "
+                                 f"got {type(self.deformation).__name__}")
+            shape = getattr(self.deformation, "shape", None)
+            if shape is None or len(shape) != 2 or min(shape) < 1:
+                raise ValueError(f"Estimate.deformation needs the fixed working shape (H, W), got {shape!r}")
+            if self.frame != "working":
+                raise ValueError("Estimate.deformation is only meaningful with frame='working'")
 
 
 @dataclass(frozen=True)
@@ -99,6 +124,9 @@ class Method:
 
     ``name``
         registry key (lower-case, used on the command line);
+    ``kind``
+        ``"affine"`` (the default: ``estimate`` returns a matrix) or ``"nonrigid"`` (it may also return a
+        :class:`bench.deformation.Deformation` in ``Estimate.deformation``; ``bench list`` shows the kind);
     ``version``
         bump it whenever the method's behaviour changes (it is stored in every result row);
     ``uses_preprocessing``
@@ -118,6 +146,7 @@ class Method:
     """
 
     name: ClassVar[str] = ""
+    kind: ClassVar[str] = "affine"
     version: ClassVar[str] = "1"
     description: ClassVar[str] = ""
     uses_preprocessing: ClassVar[bool] = True
@@ -143,7 +172,8 @@ class Method:
         """Once per process before the first call (load weights, build models). Not timed."""
 
     def estimate(self, fixed: ImageView, moving: ImageView, context: Context) -> Estimate:
-        """Return the affine matrix mapping ``moving`` working-frame points into ``fixed``'s frame."""
+        """Return the affine matrix mapping ``moving`` working-frame points into ``fixed``'s frame (and, for a
+        nonrigid method, optionally a deformation: :class:`Estimate`)."""
         raise NotImplementedError
 
     # -- helpers ------------------------------------------------------------------------------

@@ -1,0 +1,78 @@
+"""``affine-io``: an affine by instance optimisation in torch (the ``deformable`` engine's affine mode).
+
+Meant as a refinement after another initial method (``learned>affine-io``: the paper's network followed by
+DeepHistReg-style refinement on the pair itself) or after the shared preprocessing alone. The engine
+(:mod:`bench.methods._instance`) optimises ``x -> A (x - c) + c + t`` (fixed -> moving working pixels,
+identity-initialised) by Adam on the local NCC (or the global NCC) inside the dilated fixed tissue mask,
+coarse to fine; the estimate is its inverse, moving -> fixed in the working frame. The transform is
+parametrised in working pixels directly (no ``theta`` in normalised coordinates, so no conversion like
+``bench.learning.model.theta_to_matrix`` is needed; ``_instance`` turns points into ``grid_sample``'s
+normalised coordinates itself).
+
+When the final similarity at the finest level is not above the start's, the identity (the start) is
+returned (``kept_start``), so the refinement does not make its input worse by its own measure; a
+non-finite or singular result raises :class:`bench.RegistrationFailed`.
+
+Defaults chosen on generated pairs only (``studies/nonrigid_defaults.py``, ``docs/nonrigid.md``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from bench import Context, Estimate, ImageView, Method, RegistrationFailed, register
+
+
+@dataclass(frozen=True)
+class AffineIOParams:
+    """Typed, defaulted parameters of ``affine-io``."""
+
+    size: int = 256  # longer side of the finest level, pixels
+    levels: int = 3  # pyramid levels, each half the size of the next
+    iterations: tuple[int, ...] = (100, 100, 60)  # Adam steps per level, coarsest first
+    learning_rate: float = 0.002  # Adam step of the linear part (and of the translation / half the image)
+    similarity: Literal["local", "global"] = "local"  # local NCC (window) or global NCC
+    window: int = 7  # local NCC window, level pixels (odd)
+    use_mask: bool = True  # similarity inside the fixed tissue mask dilated by one window
+    keep_start: bool = True  # return the identity when the final similarity is not above the start's
+
+
+@register
+class AffineIO(Method):
+    name = "affine-io"
+    kind = "affine"
+    version = "1"
+    description = "Affine by instance optimisation (torch, local NCC, multi-level, Adam): a refinement step."
+    uses_preprocessing = True
+    devices = ("cpu", "cuda")
+    Params = AffineIOParams
+
+    def estimate(self, fixed: ImageView, moving: ImageView, context: Context) -> Estimate:
+        from bench.methods._instance import finest_similarity, optimise_affine
+
+        p: AffineIOParams = self.params
+        if p.window < 1 or p.window % 2 == 0:
+            raise ValueError(f"affine-io: window must be odd and positive, got {p.window}")
+        if not fixed.mask.any() or not moving.mask.any():
+            raise RegistrationFailed("empty tissue mask: nothing to register")
+        t0 = time.perf_counter()
+        res = optimise_affine(fixed, moving, size=p.size, levels=p.levels, iterations=p.iterations,
+                              learning_rate=p.learning_rate, window=p.window, similarity=p.similarity,
+                              use_mask=p.use_mask, device=context.device, seed=context.seed)
+        matrix = res.matrix
+        diag = dict(res.diagnostics)
+        kept = False
+        if p.keep_start:
+            kw = dict(size=p.size, window=p.window, use_mask=p.use_mask, kind=p.similarity, device=context.device)
+            start = finest_similarity(fixed, moving, **kw)
+            end = finest_similarity(fixed, moving, matrix_inv=np.linalg.inv(matrix), **kw)
+            diag["similarity_start"], diag["similarity_end"] = round(start, 6), round(end, 6)
+            if not end > start:
+                kept, matrix = True, np.eye(3)
+        diag["kept_start"] = kept
+        diag["seconds"] = round(time.perf_counter() - t0, 3)
+        return Estimate(matrix, diag)

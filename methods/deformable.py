@@ -1,0 +1,94 @@
+"""``deformable``: a dense displacement field by instance optimisation in torch (DeepHistReg-style).
+
+A nonrigid stage: it refines an alignment that is already close (after the shared preprocessing, or as the
+second step of ``sift>deformable``, ``cascade>deformable``), and returns the identity matrix with a
+:class:`bench.deformation.Deformation` on the fixed working frame. The engine (:mod:`bench.methods._instance`)
+optimises a displacement field, coarse to fine over ``levels`` levels whose finest has the longer side
+``size`` pixels (the field lives on that grid), by Adam on the local NCC (``window``) between the fixed image
+and the warped moving image inside the dilated fixed tissue mask, plus ``regularisation`` x diffusion (squared
+gradients of the field).
+
+The result is checked: a non-finite field, or one that folds on more than ``max_folding`` of its grid, raises
+:class:`bench.RegistrationFailed` (a ``failed`` row, never a wild answer); when the final local NCC at the
+finest level is not above the start's (``u = 0``), the zero field is returned (``kept_start``), so the stage
+does not make an alignment worse by its own measure.
+
+Defaults were chosen on generated pairs only (``studies/nonrigid_defaults.py``, ``docs/nonrigid.md``):
+two-stain generated pairs aligned by their exact affine, the source then deformed by a known smooth random
+field; the landmark error before/after and the time per pair on one CPU thread decided ``size``, the
+iterations, the learning rate and the regulariser weight.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from bench import Context, Estimate, ImageView, Method, RegistrationFailed, register
+from bench.deformation import Deformation, folding
+
+
+@dataclass(frozen=True)
+class DeformableParams:
+    """Typed, defaulted parameters of ``deformable``."""
+
+    size: int = 512  # longer side of the finest level (the field's grid), pixels
+    levels: int = 4  # pyramid levels, each half the size of the next
+    iterations: tuple[int, ...] = (100, 100, 100, 60)  # Adam steps per level, coarsest first
+    learning_rate: float = 0.1  # Adam step, level pixels
+    regularisation: float = 30.0  # weight of the diffusion term (mean squared field gradient)
+    window: int = 7  # local NCC window, level pixels (odd)
+    use_mask: bool = True  # similarity inside the fixed tissue mask dilated by one window
+    max_folding: float = 0.005  # share of the field allowed a non-positive Jacobian before it fails
+    keep_start: bool = True  # return the zero field when the final similarity is not above the start's
+
+
+@register
+class Deformable(Method):
+    name = "deformable"
+    kind = "nonrigid"
+    version = "1"
+    description = "Dense displacement field by instance optimisation (torch, local NCC, diffusion, multi-level)."
+    uses_preprocessing = True
+    devices = ("cpu", "cuda")
+    Params = DeformableParams
+    known_limits = {  # contract checks it fails by design (bench.conformance)
+        "recovers_translation": "a local refinement: it starts from the given alignment and moves little",
+        "recovers_rotation": "a local refinement: it starts from the given alignment and moves little",
+        "recovers_known_transform": "a local refinement: scale and shear are left to the initial method",
+    }
+
+    def estimate(self, fixed: ImageView, moving: ImageView, context: Context) -> Estimate:
+        from bench.methods._instance import finest_similarity, optimise_field
+
+        p: DeformableParams = self.params
+        if p.window < 1 or p.window % 2 == 0:
+            raise ValueError(f"deformable: window must be odd and positive, got {p.window}")
+        if not fixed.mask.any() or not moving.mask.any():
+            raise RegistrationFailed("empty tissue mask: nothing to register")
+        t0 = time.perf_counter()
+        res = optimise_field(fixed, moving, size=p.size, levels=p.levels, iterations=p.iterations,
+                             learning_rate=p.learning_rate, regularisation=p.regularisation, window=p.window,
+                             use_mask=p.use_mask, device=context.device, seed=context.seed)
+        d = Deformation(res.field, fixed.shape)
+        share = folding(d)
+        diag = dict(res.diagnostics)
+        diag["folding"] = round(share, 6)
+        diag["max_displacement_px"] = round(float(np.linalg.norm(d.field, axis=2).max()), 3)
+        if share > p.max_folding:
+            raise RegistrationFailed(f"deformable field folds on {100 * share:.2f} % of its grid "
+                                     f"(limit {100 * p.max_folding:.2f} %)")
+        kept = False
+        if p.keep_start:
+            kw = dict(size=p.size, window=p.window, use_mask=p.use_mask, device=context.device)
+            start = finest_similarity(fixed, moving, **kw)
+            end = finest_similarity(fixed, moving, field=d.field, **kw)
+            diag["similarity_start"], diag["similarity_end"] = round(start, 6), round(end, 6)
+            if not end > start:
+                kept = True
+                d = Deformation.zeros(fixed.shape, d.grid_shape)
+        diag["kept_start"] = kept
+        diag["seconds"] = round(time.perf_counter() - t0, 3)
+        return Estimate(np.eye(3), diag, deformation=d)
