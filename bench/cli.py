@@ -44,7 +44,10 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset", type=Path, help="ANHIR pair table (CSV); default: the embedded generated sample")
     p.add_argument("--data-root", type=Path, action="append", default=[], metavar="DIR",
                    help="extra folder to resolve the table's relative paths against (repeatable)")
-    p.add_argument("--methods", default="all", help="'all' (every available method) or a comma-separated list")
+    p.add_argument("--methods", default="all", help="'all' (every available initial, affine method) or a "
+                   "comma-separated list of methods and expressions")
+    p.add_argument("--then", metavar="NAME", help="a nonrigid stage (bspline, demons, deformable): every chosen "
+                   "initial method M also runs as M>NAME, started from M's result (the downstream success)")
     p.add_argument("--out", type=Path, help="output folder (default: reports/<dataset name>)")
     p.add_argument("--workers", type=int, default=1, help="pairs processed in parallel processes (default 1)")
     p.add_argument("--executor", default="auto", choices=["auto", "serial", "processes", "dask"],
@@ -86,6 +89,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         dataset=args.dataset,
         data_roots=tuple(args.data_root),
         methods=args.methods,
+        then=args.then,
         out=args.out,
         workers=args.workers,
         device=args.device,
@@ -156,12 +160,12 @@ def cmd_list(args: argparse.Namespace) -> int:
         if cls.known_limits:
             limited.append(f"{name} ({len(cls.known_limits)})")
         version = cls.version if len(cls.version) <= 7 else cls.version[:6] + "…"  # `list NAME`: all of it
-        rows.append((name, version, "no" if reason else "yes", cls.description.split(". ")[0]))
+        rows.append((name, cls.kind, version, "no" if reason else "yes", cls.description.split(". ")[0]))
     width = max(40, out.width)
     nw = max([len(r[0]) for r in rows] + [4])
-    for i, (name, version, available, desc) in enumerate([("name", "version", "available", "description"),
-                                                          *rows]):
-        line = f"{name:<{nw}}  {version:<7}  {available:<9}  {desc}"
+    for i, (name, kind, version, available, desc) in enumerate(
+            [("name", "kind", "version", "available", "description"), *rows]):
+        line = f"{name:<{nw}}  {kind:<8}  {version:<7}  {available:<9}  {desc}"
         if len(line) > width:  # the description is cut to the terminal (COLUMNS), the rest stays aligned
             line = line[: width - 1].rstrip() + "…"
         out.print(line, markup=False, highlight=False, style="bold" if i == 0 else None)
@@ -171,6 +175,8 @@ def cmd_list(args: argparse.Namespace) -> int:
         out.print(f"{mod} failed to import: {err}", markup=False)
     if limited:
         out.print(f"known limits declared by: {', '.join(limited)}", markup=False)
+    out.print("kind: affine methods start a pipeline (run --methods all runs them); nonrigid ones follow one "
+              "(run --then NAME, or --methods 'sift>NAME').", markup=False)
     out.print("`list NAME` shows a method's parameters and known limits (`list preprocess`: the shared "
               "stage's); `check NAME` runs its contract checks.", markup=False)
     return 0
@@ -194,7 +200,7 @@ def _list_one(name: str, out: Console) -> int:
         return fail(exc)
     width = max(40, out.width)
     reason = cls.unavailable_reason()
-    lines = [f"{cls.name} {cls.version}: {cls.description or '(no description)'}",
+    lines = [f"{cls.name} {cls.version} ({cls.kind}): {cls.description or '(no description)'}",
              f"available: {'yes' if not reason else 'no: ' + reason}",
              f"input: {'the shared preprocessing' if cls.uses_preprocessing else 'resampled images only'}; "
              f"devices: {', '.join(cls.devices)}; requires: {', '.join(cls.requires) or '-'}",

@@ -40,6 +40,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from bench import imaging, quality, registry
+from bench.deformation import Deformation
 from bench.expression import CompositionError, Node, describe, parse
 from bench.method import Context, Estimate, ImageView, Method, RegistrationFailed
 from bench.timing import CallTimeout, timed
@@ -64,6 +65,17 @@ class Outcome:
     reason: str = ""
     quality: float | None = None
     diagnostics: dict[str, Any] = field(default_factory=dict)
+    deformation: Deformation | None = None  # a nonrigid answer's field (with ``matrix``, see bench.deformation)
+    start: np.ndarray | None = None  # the affine a nonrigid step started from (working frame)
+    nonrigid_time_s: float | None = None  # that step's time
+
+
+def _quality(fixed: ImageView, moving: ImageView, out: Outcome) -> float:
+    """The landmark-free quality of an outcome, a nonrigid one on the moving image it shows."""
+    if out.deformation is None:
+        return quality.alignment_quality(fixed, moving, out.matrix)
+    shown = imaging.deform_view(moving, out.matrix, out.deformation, fixed.shape)
+    return quality.alignment_quality(fixed, shown, np.eye(3))
 
 
 def _member_context(method: Method, ctx: Context) -> Context:
@@ -104,6 +116,9 @@ class _Runner:
             record.update(status="error", reason=reason)
             return Outcome(None, record, reason)
         record["status"] = "ok"
+        if est.deformation is not None:
+            return Outcome(est.matrix, record, diagnostics=dict(est.diagnostics), deformation=est.deformation,
+                           start=est.start, nonrigid_time_s=out.wall_s)
         return Outcome(est.matrix, record, diagnostics=dict(est.diagnostics))
 
     def _refine(self, node: Node, fixed: ImageView, moving: ImageView, ctx: Context) -> Outcome:
@@ -111,6 +126,7 @@ class _Runner:
         current = moving
         steps: list[dict[str, Any]] = []
         diagnostics: dict[str, Any] = {}
+        last: Outcome | None = None
         for k, child in enumerate(node.children):
             if k > 0:
                 current = imaging.warp_view(moving, total, fixed.shape)
@@ -120,10 +136,23 @@ class _Runner:
                 record = {"member": node.label(), "status": "failed", "steps": steps,
                           "reason": f"step {child.label()} failed"}
                 return Outcome(None, record, f"{node.label()}: step {out.reason}")
+            if out.deformation is not None and k < len(node.children) - 1:
+                reason = (f"{node.label()}: {child.label()} answers with a deformation, so it must be the last "
+                          f"step of a refinement")
+                return Outcome(None, {"member": node.label(), "status": "error", "steps": steps,
+                                      "reason": reason}, reason)
             diagnostics[child.label()] = out.diagnostics
+            # a nonrigid last step: x -> (M_step total)^-1 (x + u(x)) on the fixed grid (bench.deformation);
+            # it started from ``total`` composed with its own start, when it says one
+            start = None if out.deformation is None else (
+                total if out.start is None else out.start @ total)
             total = out.matrix @ total
+            last = out
         record = {"member": node.label(), "status": "ok", "steps": steps,
                   "time_s": sum(s.get("time_s", 0.0) for s in steps)}
+        if last is not None and last.deformation is not None:
+            return Outcome(total, record, diagnostics=diagnostics, deformation=last.deformation, start=start,
+                           nonrigid_time_s=last.nonrigid_time_s)
         return Outcome(total, record, diagnostics=diagnostics)
 
     def _fallback(self, node: Node, fixed: ImageView, moving: ImageView, ctx: Context) -> Outcome:
@@ -135,7 +164,7 @@ class _Runner:
             records.append(out.record)
             if out.matrix is None:
                 continue
-            q = timed(lambda m=out.matrix: quality.alignment_quality(fixed, moving, m))
+            q = timed(lambda o=out: _quality(fixed, moving, o))
             out.quality = float(q.value)
             out.record.update(quality=round(out.quality, 4), quality_time_s=q.wall_s,
                               accepted=out.quality >= self.accept)
@@ -150,8 +179,7 @@ class _Runner:
         if decided is not None:
             label = decided.record["member"]
             record = {**base, "status": "ok", "decided": label, "decision": "accepted", "quality": decided.quality}
-            return Outcome(decided.matrix, record, quality=decided.quality,
-                           diagnostics={"decided": label, **decided.diagnostics})
+            return dataclasses.replace(decided, record=record, diagnostics={"decided": label, **decided.diagnostics})
         if not tried:
             reasons = "; ".join(f"{r['member']}: {r.get('reason', r['status'])}" for r in records)
             return Outcome(None, {**base, "status": "failed", "reason": "every alternative failed"},
@@ -163,7 +191,7 @@ class _Runner:
                       f"(best {qualities}; failed: {[r['member'] for r in records if r['status'] != 'ok']})")
             return Outcome(None, {**base, "status": "failed", "reason": reason}, reason)
         record = {**base, "status": "ok", "decided": label, "decision": "best quality", "quality": best.quality}
-        return Outcome(best.matrix, record, quality=best.quality, diagnostics={"decided": label, **best.diagnostics})
+        return dataclasses.replace(best, record=record, diagnostics={"decided": label, **best.diagnostics})
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -228,6 +256,7 @@ class Composite(Method):
     version = _FromMembers()
     devices = _FromMembers()
     requires = _FromMembers()
+    kind = _FromMembers()  # nonrigid when a member is (its answer may then carry a deformation)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -287,6 +316,7 @@ class Composite(Method):
             "version": f"{COMPOSE_VERSION}[{cls.tree.versioned({n: m.version for n, m in members.items()})}]",
             "devices": tuple(dict.fromkeys(devices)),
             "requires": tuple(dict.fromkeys(r for m in members.values() for r in m.requires)),
+            "kind": "nonrigid" if any(m.kind == "nonrigid" for m in members.values()) else "affine",
         }
         cls._from_members = done
         return done
@@ -322,7 +352,9 @@ class Composite(Method):
             "time_members_s": sum(_leaf_times(record)),
             "member_diagnostics": out.diagnostics,
         }
-        return Estimate(out.matrix, diagnostics)
+        if out.deformation is not None:
+            diagnostics["nonrigid_time_s"] = out.nonrigid_time_s
+        return Estimate(out.matrix, diagnostics, deformation=out.deformation, start=out.start)
 
 
 def _leaf_times(record: dict[str, Any]) -> list[float]:

@@ -38,8 +38,9 @@ def select(spec: str) -> Selection:
     """Resolve ``all`` or a comma-separated list of names (each a method or an expression); names that resolve
     to one method (``a|b`` and ``(a | b)``: one canonical name) are chosen once.
 
-    ``all`` takes every available registered method and lists the others with their reasons; a named method
-    that is unavailable is an error, since the user asked for it explicitly.
+    ``all`` takes every available registered *initial* (affine) method and lists the unavailable ones with their
+    reasons (nonrigid stages follow an initial method: name them, or use :func:`then`); a named method that is
+    unavailable is an error, since the user asked for it explicitly.
     """
     registry.discover()
     skipped: dict[str, str] = {}
@@ -47,6 +48,8 @@ def select(spec: str) -> Selection:
         chosen = []
         for n in registry.names():
             cls = registry.get(n)
+            if cls.kind != "affine":  # nonrigid stages follow an initial method: by name, or run --then NAME
+                continue
             reason = cls.unavailable_reason()
             if reason:
                 skipped[n] = reason
@@ -67,4 +70,29 @@ def select(spec: str) -> Selection:
     return Selection(list(chosen.values()), skipped)
 
 
-__all__ = ["Selection", "resolve", "select"]
+def then(chosen: list[type[Method]], stage: str) -> tuple[list[type[Method]], dict[str, str]]:
+    """``--then STAGE``: every chosen initial method ``M`` also as ``M>STAGE`` (the stage started from M's
+    result), after the chosen ones; returns the extended list and the methods that cannot be followed, with why.
+    """
+    stage_cls = resolve(stage)
+    if stage_cls.kind != "nonrigid":
+        raise registry.UnknownMethodError(f"--then {stage!r}: not a nonrigid method (kind {stage_cls.kind!r}); "
+                                          f"refine with an expression instead, e.g. --methods 'sift>{stage}'")
+    reason = stage_cls.unavailable_reason()
+    if reason:
+        raise registry.UnknownMethodError(f"--then {stage!r} is unavailable here: {reason}")
+    out = {c.name: c for c in chosen}
+    skipped: dict[str, str] = {}
+    for cls in chosen:
+        if cls.kind != "affine":
+            continue
+        if not cls.uses_preprocessing:
+            skipped[f"{cls.name}>{stage}"] = (f"{cls.name} answers in original pixels, so a stage cannot start from "
+                                              f"it (preprocessed>{stage} starts from the preprocessing alone)")
+            continue
+        follow = resolve(f"({cls.name})>{stage_cls.name}" if is_expression(cls.name) else f"{cls.name}>{stage_cls.name}")
+        out.setdefault(follow.name, follow)
+    return list(out.values()), skipped
+
+
+__all__ = ["Selection", "resolve", "select", "then"]

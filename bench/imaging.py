@@ -32,6 +32,7 @@ __all__ = [
     "warp",
     "warp_mask",
     "warp_view",
+    "deform_view",
 ]
 
 
@@ -158,3 +159,16 @@ def matrix_defect(matrix: np.ndarray, min_det: float) -> str | None:
     if not math.isfinite(det) or abs(det) < min_det:
         return f"singular matrix (determinant {det:g})"
     return None
+
+
+def deform_view(view: ImageView, matrix: np.ndarray, deformation, shape: tuple[int, int]) -> ImageView:
+    """``view`` (a moving image) sampled onto the fixed working grid through ``matrix`` and a
+    :class:`bench.deformation.Deformation` (``x -> matrix^-1 (x + u(x))``): what a nonrigid answer shows,
+    e.g. for the quality score. Image bilinear (0 outside), mask and field of view nearest; no colour."""
+    from bench.deformation import warp_image
+
+    image = warp_image(np.asarray(view.image, np.float32), matrix, deformation, shape)
+    mask = warp_image(view.mask, matrix, deformation, shape, interpolation=cv2.INTER_NEAREST)
+    valid_src = np.ones(view.shape, bool) if view.valid is None else view.valid
+    valid = warp_image(valid_src, matrix, deformation, shape, interpolation=cv2.INTER_NEAREST)
+    return ImageView(image=image, mask=mask, rgb=None, valid=None if valid.all() else valid)

@@ -88,12 +88,17 @@ class Estimate:
     deformation (a pure deformation: the identity matrix). Only with ``frame="working"``. The constructor
     checks that it is a Deformation with a ``shape``; the harness checks it further
     (:func:`bench.deformation.check`).
+
+    ``start`` (optional, with a deformation): the affine (3x3, working frame, moving -> fixed) the nonrigid
+    part started from, e.g. the initial method's result in ``sift>deformable`` (set by the composition). The
+    harness scores it as the row's start (``start_rtre_median``); None means ``matrix`` itself.
     """
 
     matrix: np.ndarray
     diagnostics: dict[str, Any] = field(default_factory=dict)
     frame: str = "working"
     deformation: Deformation | None = None
+    start: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.matrix = as_3x3(self.matrix)
@@ -110,6 +115,8 @@ class Estimate:
                 raise ValueError(f"Estimate.deformation needs the fixed working shape (H, W), got {shape!r}")
             if self.frame != "working":
                 raise ValueError("Estimate.deformation is only meaningful with frame='working'")
+        if self.start is not None:
+            self.start = as_3x3(self.start)
 
 
 @dataclass(frozen=True)

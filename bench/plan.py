@@ -48,6 +48,7 @@ class RunConfig:
     dataset: Path | None = None  # an ANHIR pair table; None: the embedded sample
     data_roots: tuple[Path, ...] = ()
     methods: str = "all"
+    then: str | None = None  # a nonrigid stage: every chosen initial method M also runs as M>then
     out: Path | None = None
     workers: int = 1
     device: str = "auto"
@@ -236,7 +237,14 @@ def _specs(config: RunConfig) -> tuple[list[MethodSpec], dict[str, str], dict[st
         raise RunError(str(exc)) from None
     if not selection.chosen:
         raise RunError("no method is available to run")
-    chosen = {c.name for c in selection.chosen}
+    classes, skipped = selection.chosen, dict(selection.skipped)
+    if config.then:
+        try:
+            classes, not_followed = factory.then(classes, config.then)
+        except registry.UnknownMethodError as exc:
+            raise RunError(str(exc)) from None
+        skipped.update(not_followed)
+    chosen = {c.name for c in classes}
     overrides = dict(config.overrides)
     pre_over = overrides.pop("preprocess", {})
     for owner in overrides:
@@ -247,7 +255,7 @@ def _specs(config: RunConfig) -> tuple[list[MethodSpec], dict[str, str], dict[st
         if owner not in chosen:
             raise RunError(f"--set {owner}.*: method {owner!r} is not among the methods of this run")
     specs = []
-    for cls in selection.chosen:
+    for cls in classes:
         ov = overrides.get(cls.name, {})
         try:
             method = cls(**ov)  # validates names and types now, not in a worker
@@ -255,7 +263,7 @@ def _specs(config: RunConfig) -> tuple[list[MethodSpec], dict[str, str], dict[st
             raise RunError(f"--set: {exc}") from None
         params = json.dumps(dataclasses.asdict(method.params), sort_keys=True, default=str)
         specs.append(MethodSpec(cls.name, tuple(sorted(ov.items())), str(method.version), params))
-    return specs, selection.skipped, pre_over
+    return specs, skipped, pre_over
 
 
 def make_plan(config: RunConfig) -> Plan:

@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from bench.pairs import Pair
     from bench.plan import MethodSpec, Plan
 
-SCHEMA_VERSION = 2  # 2: quality and time_source columns
+SCHEMA_VERSION = 3  # 2: quality and time_source columns; 3: start_rtre_median and time_nonrigid_s (nonrigid stages)
 RESULTS = "results.csv"
 MANIFEST = "run.json"
 WARPED = "warped-landmarks"
@@ -146,8 +146,10 @@ class Row:
     robustness: float = _column(NUMBER)
     success: bool = _column(BOOL)
     quality: float = _column(NUMBER)
+    start_rtre_median: float = _column(NUMBER)  # a nonrigid answer: the median rTRE of the affine it started from
     time_s: float = _column(NUMBER)
     time_cpu_s: float = _column(NUMBER)
+    time_nonrigid_s: float = _column(NUMBER)  # a nonrigid answer: the time of its nonrigid stage (part of time_s)
     time_source: str = _column()
     time_preprocess_s: float = _column(NUMBER)
     preprocess_cached: bool = _column(BOOL)

@@ -33,8 +33,8 @@ from typing import Any
 import cv2
 import numpy as np
 
-from bench import factory, geometry, imaging, metrics, quality, registry
-from bench.method import Context, ImageView, Method, RegistrationFailed
+from bench import deformation, factory, geometry, imaging, metrics, quality, registry
+from bench.method import Context, Estimate, ImageView, Method, RegistrationFailed
 from bench.pairs import LandmarkError, Pair, read_landmarks
 from bench.plan import MethodSpec, PairTask
 from bench.preprocess import ImageLoadError, PreparedPair
@@ -45,6 +45,7 @@ Event = Callable[[str, dict[str, Any]], None]
 
 SIZE_TOLERANCE = 0.02  # relative: the table's size and diagonal against the target image read from disk
 LANDMARK_MARGIN = 0.10  # landmarks may lie this share of a side beyond their image's edge, not further
+MAX_INVERSION_RESIDUAL_PX = 0.5  # a landmark the deformation cannot be inverted at (working px): a failed row
 WARM_UP_MIN_SIDE = 64  # the warm-up runs on the pair at half size when that leaves at least this many pixels
 
 
@@ -156,10 +157,12 @@ class _BadAnswer(Exception):
 
 
 def _scores(task: PairTask, prepared: PreparedPair, matrix: np.ndarray, src: np.ndarray | None,
-            tgt: np.ndarray | None) -> Scores:
-    """``matrix`` (original pixel coordinates) scored on the task's pair."""
+            tgt: np.ndarray | None, warped: np.ndarray | None = None) -> Scores:
+    """``matrix`` (original pixel coordinates) scored on the task's pair; ``warped``: the source landmarks
+    already moved into the target frame (a nonrigid answer), else they are moved by ``matrix``."""
     diag = diagonal(task.pair, prepared)
-    warped = None if src is None else geometry.apply(matrix, src)
+    if warped is None:
+        warped = None if src is None else geometry.apply(matrix, src)
     values = {} if warped is None or tgt is None else metrics.score_pair(warped, src, tgt, diag,
                                                                          task.success_threshold)
     return Scores(matrix=matrix, diagonal=diag, values=values, warped=warped, has_target=tgt is not None)
@@ -309,7 +312,13 @@ def _run_method(
             diagnostics = {}
         if problem:
             raise _BadAnswer(problem)
-        row_quality = quality.alignment_quality(prepared.fixed, prepared.moving, working)
+        if estimate.deformation is not None:
+            nonrigid = _nonrigid(task, prepared, estimate, src_lnd, tgt_lnd, wall)
+            row_quality = quality.alignment_quality(
+                prepared.fixed, imaging.deform_view(prepared.moving, working, estimate.deformation,
+                                                    prepared.fixed.shape), np.eye(3))
+        else:
+            row_quality = quality.alignment_quality(prepared.fixed, prepared.moving, working)
     except CallTimeout as exc:
         status, error = Status.TIMEOUT.value, ("first (warm-up) " if phase == "warm-up" else "") + str(exc)
     except _BadAnswer as exc:
@@ -325,6 +334,48 @@ def _run_method(
     if status != Status.OK.value:
         row = Row.answered(pair, spec, device, fallback, status, error, diagnostics, wall, cpu)
         return row, fallback.scores.warped
-    scores = _scores(task, prepared, matrix, src_lnd, tgt_lnd)
-    return Row.answered(pair, spec, device, fallback, status, error, diagnostics, wall, cpu, scores,
-                        row_quality), scores.warped
+    if estimate.deformation is None:
+        scores = _scores(task, prepared, matrix, src_lnd, tgt_lnd)
+        return Row.answered(pair, spec, device, fallback, status, error, diagnostics, wall, cpu, scores,
+                            row_quality), scores.warped
+    scores = _scores(task, prepared, matrix, src_lnd, tgt_lnd, warped=nonrigid.warped)
+    row = Row.answered(pair, spec, device, fallback, status, error, {**diagnostics, **nonrigid.diagnostics},
+                       wall, cpu, scores, row_quality)
+    return row.update(start_rtre_median=nonrigid.start_rtre, time_nonrigid_s=nonrigid.time_s), scores.warped
+
+
+@dataclass
+class _Nonrigid:
+    """What the harness makes of a nonrigid answer: the source landmarks moved by the whole transform, the
+    start's median rTRE, the nonrigid stage's time and diagnostics (folding, inversion residual)."""
+
+    warped: np.ndarray | None
+    start_rtre: float | None
+    time_s: float
+    diagnostics: dict[str, Any]
+
+
+def _nonrigid(task: PairTask, prepared: PreparedPair, estimate: Estimate, src: np.ndarray | None,
+              tgt: np.ndarray | None, wall: float) -> _Nonrigid:
+    """Check a nonrigid answer (``_BadAnswer`` when it folds, is not finite, or cannot be inverted at a
+    landmark) and move the source landmarks by it (ANHIR's direction: into the target frame)."""
+    problem = deformation.check(estimate.deformation)
+    if problem:
+        raise _BadAnswer(f"the method returned an unusable deformation: {problem}")
+    fold = deformation.folding(estimate.deformation)
+    diag = {"nonrigid": {"folding": round(float(fold), 6), "grid": list(estimate.deformation.grid_shape)}}
+    warped = start_rtre = None
+    if src is not None:
+        warped, residual = prepared.source_points_to_target(src, estimate.matrix, estimate.deformation)
+        worst = float(np.max(residual)) if len(residual) else 0.0
+        diag["nonrigid"]["inversion_residual_px"] = round(worst, 4)
+        if not np.all(np.isfinite(warped)) or worst > MAX_INVERSION_RESIDUAL_PX:
+            raise _BadAnswer(f"the method returned a deformation that cannot be inverted at "
+                             f"{int(np.sum(residual > MAX_INVERSION_RESIDUAL_PX))} landmark(s) (residual up to "
+                             f"{worst:.2g} working px)")
+        if tgt is not None:
+            start = estimate.matrix if estimate.start is None else estimate.start
+            start_scores = _scores(task, prepared, prepared.to_original(start), src, tgt)
+            start_rtre = start_scores.values.get("rtre_median")
+    stage_time = estimate.diagnostics.get("nonrigid_time_s")
+    return _Nonrigid(warped, start_rtre, float(stage_time) if isinstance(stage_time, int | float) else wall, diag)

@@ -29,8 +29,8 @@ A private module of the methods package (not a method): torch is imported inside
 
 from __future__ import annotations
 
-import time
 import dataclasses
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -197,7 +197,7 @@ def optimise_field(fixed: ImageView, moving: ImageView, *, size: int, levels: in
     sim = _similarity("local", window)
     u = None  # (1, 2, h, w) working pixels
     records = []
-    for lev, n in zip(pyr, its):
+    for lev, n in zip(pyr, its, strict=True):
         t0 = time.perf_counter()
         h, w = lev.fixed.shape[-2:]
         spacing = torch.tensor(lev.spacing, dtype=torch.float32, device=dev).view(1, 2, 1, 1)
@@ -209,7 +209,7 @@ def optimise_field(fixed: ImageView, moving: ImageView, *, size: int, levels: in
         opt = torch.optim.Adam([v], lr=float(learning_rate))
         base = _apply_inverse(m_inv, lev.coords)  # reused when u = 0
 
-        def losses(vv: Any) -> tuple[Any, Any]:
+        def losses(vv: Any, lev=lev, spacing=spacing, h=h, w=w) -> tuple[Any, Any]:  # this level's values
             disp = (vv * spacing).permute(0, 2, 3, 1)
             warped = _sample(lev, _apply_inverse(m_inv, lev.coords + disp), moving.shape)
             s = sim(lev.fixed, warped, lev.weight)
@@ -293,7 +293,7 @@ def optimise_affine(fixed: ImageView, moving: ImageView, *, size: int, levels: i
 
     records = []
     opt = None
-    for lev, n in zip(pyr, its):
+    for lev, n in zip(pyr, its, strict=True):
         t0 = time.perf_counter()
         opt = torch.optim.Adam([lin, shift], lr=float(learning_rate))  # fresh moments per level
         with torch.no_grad():

@@ -14,8 +14,9 @@ A private module of the methods package; SimpleITK is imported inside the functi
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import cv2
 import numpy as np

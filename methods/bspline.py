@@ -69,7 +69,6 @@ class BSpline(Method):
 
     def estimate(self, fixed: ImageView, moving: ImageView, context: Context) -> Estimate:
         import SimpleITK as sitk
-
         from bench.methods._intensity import full_metric, set_metric
         from bench.methods._sitk_field import field_of, reduced, reduced_mask, sitk_threads
 

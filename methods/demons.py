@@ -85,7 +85,6 @@ class Demons(Method):
 
     def estimate(self, fixed: ImageView, moving: ImageView, context: Context) -> Estimate:
         import SimpleITK as sitk
-
         from bench.methods._instance import level_shapes
         from bench.methods._sitk_field import field_of, reduced, sitk_threads
 
@@ -99,7 +98,7 @@ class Demons(Method):
         field = None
         records = []
         with sitk_threads(p.threads):
-            for (_, shape), n in zip(shapes, its):
+            for (_, shape), n in zip(shapes, its, strict=True):
                 t1 = time.perf_counter()
                 f_img = reduced(fixed.image, shape)
                 m_big = reduced(moving.image, (max(1, round(moving.shape[0] * shape[0] / fixed.shape[0])),

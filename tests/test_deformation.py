@@ -171,3 +171,42 @@ def test_estimate_carries_a_deformation():
         Estimate(np.eye(3), deformation=np.zeros((5, 6, 2)))
     with pytest.raises(ValueError):
         Estimate(np.eye(3), deformation=d, frame="original")
+
+
+# ---------------------------------------------------------------- through the harness's frames (original pixels)
+
+
+@pytest.mark.parametrize(("source_shape", "target_shape", "factor"), [
+    ((1200, 1600), (1200, 1600), 0.25),   # equal sizes, working frame at a quarter
+    ((1400, 1100), (1000, 1500), 0.3),    # different source and target sizes
+])
+def test_source_landmarks_reach_the_target_frame_through_working_frames(source_shape, target_shape, factor):
+    """The harness's path for a nonrigid answer (``PreparedPair.source_points_to_target``): original source
+    pixels -> moving working frame (resampling, then the preprocessing's turn) -> the fixed working point the
+    deformation maps onto it -> original target pixels. Built backwards from target points with the analytic
+    field (its forward map known exactly), at a reduced working resolution and a field at a quarter of that."""
+    from bench.method import ImageView
+    from bench.preprocess import PreparedPair
+
+    ht, wt = (round(v * factor) for v in target_shape)
+    fixed = ImageView(np.zeros((ht, wt), np.float32), np.ones((ht, wt), bool))
+    pre = geometry.rotation(20, (wt / 2, ht / 2)) @ geometry.translation(7, -4)
+    prepared = PreparedPair(fixed=fixed, moving=fixed, source_scale=(factor, factor), target_scale=(factor, factor),
+                            source_pre=pre, source_shape=source_shape, target_shape=target_shape)
+    matrix = geometry.translation(3, -2) @ geometry.scaling(1.04, 0.97)  # the method's working-frame affine
+    field = Deformation(analytic_u(Deformation.zeros((ht, wt), (ht // 4, wt // 4)).grid_points()), (ht, wt))
+    rng = np.random.default_rng(0)
+    target = rng.uniform((50, 50), (target_shape[1] - 50, target_shape[0] - 50), (40, 2))  # original target px
+    x_w = geometry.apply(prepared.target_to_fixed(), target)
+    moving_w = fixed_to_moving(matrix, field, x_w)  # exact: T(x) = M^-1 (x + u(x)) with the field's own u
+    source = geometry.apply(np.linalg.inv(prepared.source_to_moving()), moving_w)
+    back, residual = prepared.source_points_to_target(source, matrix, field)
+    assert np.abs(back - target).max() < 0.05 / factor  # a twentieth of a working pixel, in original pixels
+    assert residual.max() < 1e-3
+    # the wrong direction (the forward map applied to source points) is far off: the test can tell them apart
+    wrong = geometry.apply(np.linalg.inv(prepared.target_to_fixed()),
+                           fixed_to_moving(matrix, field, geometry.apply(prepared.source_to_moving(), source)))
+    assert np.abs(wrong - target).max() > 5
+    # without a deformation the same path is exactly the affine row's matrix (to_original)
+    plain, _ = prepared.source_points_to_target(source, matrix)
+    np.testing.assert_allclose(plain, geometry.apply(prepared.to_original(matrix), source), atol=1e-9)

@@ -210,10 +210,12 @@ def test_list_fits_80_columns_and_list_name_describes_every_parameter(tmp_path):
     out = subprocess.run([SCRIPT, "list"], cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
-    assert lines[0].split() == ["name", "version", "available", "description"]
+    assert lines[0].split() == ["name", "kind", "version", "available", "description"]
     assert all(len(x) <= 80 for x in lines), [x for x in lines if len(x) > 80]
     for name in registry.names():
-        assert any(x.split()[:1] == [name] for x in lines[1:]), name
+        assert any(x.split()[:2] == [name, registry.get(name).kind] for x in lines[1:]), name
+    table = lines[1:1 + len(registry.names())]
+    assert {x.split()[1] for x in table} == {"affine", "nonrigid"}
     one = subprocess.run([SCRIPT, "list", "sift"], cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
     assert one.returncode == 0, one.stderr
     assert all(len(x) <= 80 for x in one.stdout.splitlines())

@@ -53,10 +53,31 @@ class PreparedPair:
     def to_working(self, original: np.ndarray) -> np.ndarray:
         """The inverse of :meth:`to_original`: an original-pixel matrix (source -> target) as a working-frame
         estimate (moving -> fixed), e.g. to judge an ``Estimate(frame="original")`` on the working images."""
-        r_s = geometry.resample_matrix(*self.source_scale)
-        r_t = geometry.resample_matrix(*self.target_scale)
+        return self.target_to_fixed() @ geometry.as_3x3(original) @ np.linalg.inv(self.source_to_moving())
+
+    def source_to_moving(self) -> np.ndarray:
+        """(3, 3): original source pixels -> the moving view's working pixels (resampling, then ``source_pre``)."""
         pre = np.eye(3) if self.source_pre is None else geometry.as_3x3(self.source_pre)
-        return r_t @ geometry.as_3x3(original) @ np.linalg.inv(pre @ r_s)
+        return pre @ geometry.resample_matrix(*self.source_scale)
+
+    def target_to_fixed(self) -> np.ndarray:
+        """(3, 3): original target pixels -> the fixed view's working pixels (the resampling)."""
+        return geometry.resample_matrix(*self.target_scale)
+
+    def source_points_to_target(self, points: np.ndarray, matrix: np.ndarray,
+                                deformation=None) -> tuple[np.ndarray, np.ndarray]:
+        """Source points (original pixels, e.g. landmarks) into the target's original frame through a working-frame
+        answer: ``matrix`` (moving -> fixed) and, for a nonrigid answer, a :class:`bench.deformation.Deformation`
+        (the fixed point ``x`` whose ``matrix^-1 (x + u(x))`` is the point, found per point).
+
+        Returns the ``(N, 2)`` points and, per point, how far the inversion stayed from an exact solution (fixed
+        working pixels; zeros without a deformation).
+        """
+        from bench.deformation import warp_points
+
+        moving = geometry.apply(self.source_to_moving(), points)
+        fixed, residual = warp_points(matrix, deformation, moving, return_residual=True)
+        return geometry.apply(np.linalg.inv(self.target_to_fixed()), fixed), np.asarray(residual, float)
 
 
 def _warp_moving(rgb: np.ndarray, mask: np.ndarray, matrix: np.ndarray, shape: tuple[int, int],
