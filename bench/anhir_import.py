@@ -12,12 +12,18 @@ writes it, and as BIRL-compatible tools write it)::
     <first column: pair index>, Source image, ..., Warped source landmarks, Execution time [minutes]
 
 ``Warped source landmarks`` names an ANHIR landmark CSV (``,X,Y``): the source landmarks moved into the target
-frame by the tool; a relative path is read relative to the table's folder. :func:`import_anhir` adds one row
+frame by the tool; a relative path is read relative to the table's folder. Only files inside the table's folder
+are read: a path that leaves it (``../..``, an absolute path elsewhere, a link out) is that pair's ``failed``
+row naming the column, and no error message ever quotes a file's content. :func:`import_anhir` adds one row
 per pair of the submission to the run folder:
 
 * pairs are matched by the table's **pair index** to the run's own dataset table (``run.json``
   ``dataset.path``); a pair the dataset does not have refuses the whole import, and where both tables name
   the image and landmark files their last three path parts must agree (so another dataset is refused);
+* only the **run's own pairs** are imported: those its runs planned (``run.json`` ``dataset.pairs``; for a
+  folder written before the plan was recorded, the pairs it has rows for). A submission row for another
+  pair of the dataset (a run made with ``--limit``) is ignored and counted (:attr:`ImportSummary.ignored`),
+  so the imported method's success rate is over the same pairs as the run's other methods;
 * each row is scored by :func:`bench.metrics.score_pair` against the run dataset's target landmarks, with the
   run's success threshold, exactly as the runner scores its own methods;
 * ``time_s`` is the table's minutes x 60 with ``time_source = reported`` (reported by the tool, not measured
@@ -30,7 +36,8 @@ per pair of the submission to the run folder:
   (version ``imported``, the table's path and SHA-256) and in ``imports``.
 
 A method name already in the run is refused unless ``replace=True`` (then its rows and warped landmarks are
-removed first). The run folder is written under the store's lock (:meth:`bench.store.ResultStore.lock`), so an
+removed first); only an imported method (rows with ``time_source`` reported) can be replaced, never a method
+the harness measured. The run folder is written under the store's lock (:meth:`bench.store.ResultStore.lock`), so an
 import never interleaves with a ``bench run`` writing the same folder: it is refused at once instead.
 """
 
@@ -58,6 +65,7 @@ from bench.pairs import (
     Pair,
     file_digest,
     load_table,
+    one_line,
     read_landmarks,
 )
 from bench.record import TIME_REPORTED, Row
@@ -80,6 +88,7 @@ class ImportSummary:
     sha256: str
     counts: dict[str, int] = field(default_factory=dict)  # status -> rows
     replaced: int = 0  # rows of an earlier import removed (replace=True)
+    ignored: list[str] = field(default_factory=list)  # submission pair ids not in the run's plan (not imported)
 
 
 def _submission(table: Path) -> tuple[pd.DataFrame, list[str]]:
@@ -97,7 +106,7 @@ def _submission(table: Path) -> tuple[pd.DataFrame, list[str]]:
         )
     first = sub.columns[0]
     if first.startswith("Unnamed") or first.lower() in ("", "index"):
-        ids = [v.strip() for v in sub[first]]
+        ids = [one_line(v) for v in sub[first]]  # the form pair ids have in the run
     else:
         ids = [str(i) for i in range(len(sub))]
     dup = sorted({i for i in ids if ids.count(i) > 1})
@@ -132,7 +141,7 @@ def _raw_table(path: Path) -> dict[str, dict[str, str]]:
     has_index = header[0] == "" or header[0].lower() in ("index", "unnamed: 0")
     out = {}
     for n, row in enumerate(r for r in rows[1:] if r and any(c.strip() for c in r)):
-        pid = row[0].strip() if has_index else str(n)
+        pid = one_line(row[0]) if has_index else str(n)
         out[pid] = dict(zip(header, row, strict=False))
     return out
 
@@ -179,13 +188,16 @@ def _score_row(pair: Pair, method: str, cell: str, minutes: str, table: Path, li
     if not cell.strip():
         row.update(status="failed", error=f"{table}: line {line}: no warped landmark file named for pair {pair.pair_id}")
         return row, None
-    path = Path(cell.strip())
-    path = path if path.is_absolute() else table.parent / path
+    path, problem = _confined(cell, table)
+    if problem:
+        row.update(status="failed", error=f"{table}: line {line}: pair {pair.pair_id}: {problem}")
+        return row, None
     info["warped_landmarks"] = str(path)
     try:
         warped = read_landmarks(path, allow_negative=True)
     except LandmarkError as exc:
-        row.update(status="failed", error=f"warped landmarks of pair {pair.pair_id}: {exc}")
+        why = f"not a landmark table: {exc.reason}" if exc.malformed else exc.reason
+        row.update(status="failed", error=f"warped landmarks of pair {pair.pair_id}: {path}: {why}")
         return row, None
     row.status = "ok"
     if pair.problem:
@@ -220,6 +232,40 @@ def _score_row(pair: Pair, method: str, cell: str, minutes: str, table: Path, li
     return row, warped
 
 
+def _confined(cell: str, table: Path) -> tuple[Path | None, str]:
+    """The warped landmark file a submission cell names (relative to the table's folder, or absolute), and
+    why it is not read: a path that leaves the submission folder (``..``, an absolute path elsewhere, a link
+    out) or that is not a regular file. The table can name any path; only the submission's own files are
+    read, and nothing of a file's content is ever quoted."""
+    text = cell.strip()
+    folder = table.parent.resolve()
+    shown = text if len(text) <= 120 else text[:117] + "..."
+    try:
+        path = (folder / text).resolve()  # an absolute cell replaces the folder
+    except (OSError, RuntimeError, ValueError) as exc:
+        return None, f"column {COL_WARPED!r}: path {shown!r} cannot be resolved ({type(exc).__name__})"
+    if not path.is_relative_to(folder):
+        return None, (f"column {COL_WARPED!r}: path {shown!r} leaves the submission folder {folder}; not read "
+                      "(name files inside the table's folder)")
+    if path.exists() and not path.is_file():
+        return None, f"column {COL_WARPED!r}: path {shown!r} is not a regular file; not read"
+    return path, ""
+
+
+def _check_replaceable(folder: Path, method: str, rows: list[dict[str, Any]], manifest: dict[str, Any]) -> None:
+    """Refuse to replace ``method`` unless it was imported before: its rows' times were reported by a tool
+    (``time_source`` reported), and with no rows, its manifest entry records an import. ``--replace`` swaps
+    one submission for another; it never discards rows this harness measured."""
+    times = [str(r.get("time_source") or "") for r in rows if r.get("method") == method]
+    entry = (manifest.get("methods") or {}).get(method) or {}
+    imported = all(t == TIME_REPORTED for t in times) if times else (
+        entry.get("time_source") == TIME_REPORTED or "source" in entry)
+    if not imported:
+        measured = sum(t != TIME_REPORTED for t in times)
+        raise ReportError(f"{folder}: method {method!r} was measured by this run ({measured} row(s)), not imported: "
+                          "--replace replaces imported methods only; choose another --method name")
+
+
 def _drop_method(store: ResultStore, method: str) -> int:
     """Remove ``method``'s rows (atomically, by the store) and its warped landmark files; rows removed."""
     rows = [r for r in store.rows() if r["method"] == method]
@@ -248,6 +294,9 @@ def import_anhir(run_dir: str | Path, method: str, table: str | Path, replace: b
     if method in existing and not replace:
         raise ReportError(f"{run.path}: method {method!r} is already in this run; choose another name or replace it "
                           "(--replace)")  # fmt: skip
+    if method in existing:
+        _check_replaceable(run.path, method, run.results[["method", "time_source"]].to_dict("records"),
+                           run.manifest)
     ds = run.manifest.get("dataset") or {}
     ds_path = Path(ds.get("path") or "")
     if not ds.get("path") or not ds_path.is_file():
@@ -262,32 +311,42 @@ def import_anhir(run_dir: str | Path, method: str, table: str | Path, replace: b
         raise ReportError(f"{table}: pair(s) {', '.join(unknown[:8])} not in the run's dataset {ds_path} "
                           f"(it has {len(pairs)} pairs)")  # fmt: skip
     _check_same_pairs(sub, ids, _raw_table(ds_path), table)
+    # the run's own pairs only: a submission row for a pair the run never planned (a run made with --limit)
+    # is ignored, so the imported method is scored on the pairs the run's other methods were
+    planned = [pid for pid in record.planned_pairs(run.manifest, run.results.to_dict("records")) if pid in pairs]
+    mine = set(planned)
+    keep = [n for n, pid in enumerate(ids) if pid in mine]
+    ignored = [pid for pid in ids if pid not in mine]
+    sub, ids = sub.iloc[keep].reset_index(drop=True), [ids[n] for n in keep]
+    lines = [n + 2 for n in keep]
     threshold = float(run.manifest.get("success_threshold", DEFAULT_THRESHOLD))
     blank = pd.Series([""] * len(sub), index=sub.index)
     times = sub[COL_TIME] if COL_TIME in sub.columns else blank
     verdicts = zip(sub[COL_STATUS] if COL_STATUS in sub.columns else blank,
                    sub[COL_ERROR] if COL_ERROR in sub.columns else blank, strict=True)  # fmt: skip
     rows, warped = [], {}
-    for n, (pid, cell, minutes, verdict) in enumerate(zip(ids, sub[COL_WARPED], times, verdicts, strict=True)):
-        row, pts = _score_row(pairs[pid], method, cell, minutes, table, n + 2, threshold, verdict)
+    for line, pid, cell, minutes, verdict in zip(lines, ids, sub[COL_WARPED], times, verdicts, strict=True):
+        row, pts = _score_row(pairs[pid], method, cell, minutes, table, line, threshold, verdict)
         rows.append(row)
         if pts is not None:
             warped[pid] = pts
-    run_pairs = list(dict.fromkeys(run.results["pair_id"]))
-    for pid in run_pairs:  # pairs the run evaluated but the table lacks count against the tool
-        if pid not in set(ids) and pid in pairs:
+    given = set(ids)
+    for pid in planned:  # pairs the run planned but the table lacks count against the tool
+        if pid not in given:
             row = _row(pairs[pid], method, {"imported_from": str(table)})
             row.update(status="failed", error=f"{table}: no row for pair {pid} of the run")
             rows.append(row)
     digest = file_digest(table)
-    summary = ImportSummary(run=run.path, method=method, table=table, sha256=digest)
+    summary = ImportSummary(run=run.path, method=method, table=table, sha256=digest, ignored=ignored)
     store = ResultStore(run.path)
     try:
         with store.lock("import-anhir"):  # one writer per run folder (a running `bench run` refuses us)
-            stored = {r["method"] for r in store.rows()}
+            now = store.rows()
+            stored = {r["method"] for r in now}
             if method in stored and not replace:  # written since we looked
                 raise ReportError(f"{run.path}: method {method!r} is already in this run (--replace)")
             if method in stored:
+                _check_replaceable(run.path, method, now, store.read_manifest() or run.manifest)
                 summary.replaced = _drop_method(store, method)
             for pid, pts in warped.items():
                 store.write_warped(method, pid, pts)
@@ -305,6 +364,11 @@ def import_anhir(run_dir: str | Path, method: str, table: str | Path, replace: b
 def summary_line(s: ImportSummary) -> str:
     counts = ", ".join(f"{v} {k}" for k, v in sorted(s.counts.items()))
     extra = f"; replaced {s.replaced} earlier rows" if s.replaced else ""
+    if s.ignored:
+        shown = ", ".join(s.ignored[:8]) + (", ..." if len(s.ignored) > 8 else "")
+        extra += f"; ignored {len(s.ignored)} submission row(s) for pairs not in the run's plan ({shown})"
+    else:
+        extra += "; ignored 0 submission rows"
     return f"imported {s.method!r} into {s.run}: {counts}{extra} (table sha256 {s.sha256[:12]})"
 
 

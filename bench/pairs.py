@@ -49,8 +49,29 @@ class DatasetError(ValueError):
     """The table as a whole cannot be used (unreadable, missing required columns)."""
 
 
+def one_line(text: object) -> str:
+    """``text`` on one line, each run of whitespace one space: the one form of a pair id (:func:`load_table`
+    reads ids through it) and how the results store writes a text cell (:mod:`bench.record`), so the ids a run
+    plans are the ids it stores, and a resume recognises them.
+
+    >>> one_line(" a  b\\nc\\t")
+    'a b c'
+    """
+    return " ".join(str(text).split())
+
+
 class LandmarkError(ValueError):
-    """A landmark file is unreadable or malformed."""
+    """A landmark file is unreadable or malformed. ``reason``: the fault without the file's name (and, like
+    the message, never the file's content); ``malformed``: the file was read but is not a landmark table."""
+
+    def __init__(self, message: str, reason: str = "", malformed: bool = False) -> None:
+        super().__init__(message)
+        self.reason = reason or message
+        self.malformed = malformed
+
+
+def _malformed(path: Path, reason: str) -> LandmarkError:
+    return LandmarkError(f"{path}: {reason}", reason, malformed=True)
 
 
 @dataclass(frozen=True)
@@ -122,14 +143,21 @@ def read_landmarks(path: str | Path, *, allow_negative: bool = False) -> np.ndar
         with path.open(newline="", encoding="utf-8-sig") as fh:
             rows = list(csv.reader(fh))
     except FileNotFoundError:
-        raise LandmarkError(f"{path}: landmark file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise LandmarkError(f"{path}: cannot read landmark file ({exc})") from None
+        raise LandmarkError(f"{path}: landmark file not found", "landmark file not found") from None
+    except UnicodeDecodeError:
+        raise _malformed(path, "not UTF-8 text") from None
+    except csv.Error as exc:
+        raise _malformed(path, f"not CSV ({exc})") from None
+    except OSError as exc:
+        reason = f"cannot read landmark file ({exc.strerror or type(exc).__name__})"
+        raise LandmarkError(f"{path}: {reason}", reason) from None
+    # messages name the fault, never the file's content: the file may be anything (an imported table can name
+    # any path), and a message lands in results.csv
     if not rows:
-        raise LandmarkError(f"{path}: landmark file is empty")
+        raise _malformed(path, "landmark file is empty")
     header = [h.strip() for h in rows[0]]
     if len(header) < 2 or header[-2:] != ["X", "Y"]:
-        raise LandmarkError(f"{path}: bad landmark header {','.join(rows[0])!r}: expected ',X,Y'")
+        raise _malformed(path, "bad landmark header: expected ',X,Y' on the first line")
     pts = []
     for line_no, row in enumerate(rows[1:], start=2):
         if not row or all(not c.strip() for c in row):
@@ -137,14 +165,15 @@ def read_landmarks(path: str | Path, *, allow_negative: bool = False) -> np.ndar
         try:
             x, y = float(row[-2]), float(row[-1])
         except (ValueError, IndexError):
-            raise LandmarkError(f"{path}: line {line_no}: cannot read coordinates from {row!r}") from None
+            raise _malformed(path, f"line {line_no}: cannot read coordinates (not two numbers in the last "
+                                   "two columns)") from None
         if not (math.isfinite(x) and math.isfinite(y)):
-            raise LandmarkError(f"{path}: line {line_no}: non-finite coordinate ({x}, {y})")
+            raise _malformed(path, f"line {line_no}: non-finite coordinate ({x}, {y})")
         if (x < 0 or y < 0) and not allow_negative:
-            raise LandmarkError(f"{path}: line {line_no}: negative coordinate ({x}, {y})")
+            raise _malformed(path, f"line {line_no}: negative coordinate ({x}, {y})")
         pts.append((x, y))
     if not pts:
-        raise LandmarkError(f"{path}: no landmarks in file")
+        raise _malformed(path, "no landmarks in file")
     return np.asarray(pts, dtype=np.float64)
 
 
@@ -213,9 +242,11 @@ def load_table(table: str | Path, data_roots: list[str | Path] | tuple = ()) -> 
         if not row or all(not c.strip() for c in row):
             continue
         row = row + [""] * (len(header) - len(row))
-        pair_id = row[0].strip() if has_index else str(line_no - 2)
+        # the id as the results store writes it (one line, whitespace runs as one space): planned = stored
+        pair_id = one_line(row[0]) if has_index else str(line_no - 2)
         if pair_id in seen:
-            raise DatasetError(f"{table}: line {line_no}: duplicate pair index {pair_id!r}")
+            same = "" if pair_id == row[0].strip() else " (ids are compared with each whitespace run as one space)"
+            raise DatasetError(f"{table}: line {line_no}: duplicate pair index {pair_id!r}{same}")
         seen.add(pair_id)
 
         def cell(name: str, row=row) -> str:

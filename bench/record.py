@@ -35,6 +35,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from bench.pairs import one_line
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -262,7 +264,8 @@ def _cell(value: Any) -> str:
         return "" if not math.isfinite(float(value)) else repr(float(value))
     if isinstance(value, dict | list | tuple | np.ndarray):
         return json.dumps(jsonable(value), sort_keys=True)
-    return " ".join(str(value).split())  # one line, always
+    return one_line(value)  # one line, always
+
 
 
 # ------------------------------------------------------------------------------------------ the reader
@@ -373,6 +376,7 @@ def run_manifest(plan: Plan) -> dict[str, Any]:
             "embedded_sample": plan.embedded,
             "sha256": file_digest(plan.table),
             "n_pairs": len(plan.pairs),
+            "pairs": [p.pair_id for p in plan.pairs],  # the run's plan (--limit, --pairs): what imports match
             "data_roots": [str(r) for r in c.data_roots],
         },
         "preprocess": dataclasses.asdict(plan.preprocess),
@@ -413,12 +417,24 @@ def check_resume(folder: Path, old: dict[str, Any] | None, new: dict[str, Any], 
 
 
 def resumed(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
-    """``new`` for a folder resumed from ``old``: earlier methods kept, the first creation time kept, the
-    resume time added."""
+    """``new`` for a folder resumed from ``old``: earlier methods and planned pairs kept, the first creation
+    time kept, the resume time added."""
     new["methods"] = {**old.get("methods", {}), **new["methods"]}
+    old_pairs = (old.get("dataset") or {}).get("pairs")
+    if isinstance(old_pairs, list):  # the folder's plan is every pair any of its runs planned
+        new["dataset"]["pairs"] = list(dict.fromkeys([*map(str, old_pairs), *new["dataset"]["pairs"]]))
     new["created"] = old.get("created", new["created"])
     new["resumed"] = datetime.now(UTC).isoformat(timespec="seconds")
     return new
+
+
+def planned_pairs(manifest: dict[str, Any], rows: list[dict[str, str]]) -> list[str]:
+    """The pair ids a run folder's runs planned (``run.json`` ``dataset.pairs``), else, for a folder written
+    before the plan was recorded, the pair ids of its rows, in order."""
+    pairs = (manifest.get("dataset") or {}).get("pairs")
+    if isinstance(pairs, list):
+        return [str(p) for p in pairs]
+    return list(dict.fromkeys(r["pair_id"] for r in rows))
 
 
 def note_import(manifest: dict[str, Any], method: str, version: str, table: Path, sha256: str, rows: int,

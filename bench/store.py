@@ -49,7 +49,7 @@ from bench import record
 from bench.pairs import write_landmarks
 from bench.record import COLUMNS, MANIFEST, RESULTS, WARPED, RecordError, Row, jsonable
 
-__all__ = ["FolderInUse", "ResultStore", "StoreError", "safe_name", "warped_path"]
+__all__ = ["FolderInUse", "ResultStore", "StoreError", "bounded", "safe_name", "warped_path"]
 
 LOCK = ".lock"
 _MAX_NAME = 150  # bytes of an encoded name before it is shortened with a hash
@@ -78,10 +78,21 @@ def safe_name(name: str) -> str:
         text = "%2E" + text[1:]
     if not text:
         return "~"
-    if len(text) > _MAX_NAME:
-        digest = hashlib.sha256(str(name).encode()).hexdigest()[:16]
-        text = f"{text[:_MAX_NAME - 17]}~{digest}"
-    return text
+    return bounded(text, name)
+
+
+def bounded(text: str, name: str, limit: int = _MAX_NAME) -> str:
+    """``text`` (a file name made from ``name``) within ``limit`` characters: a longer one keeps a prefix and
+    ``~`` plus a hash of ``name``, so names that share a prefix still get their own files. Every file name made
+    from a method name or a pair id is bounded so (a 300-member chain's name is thousands of characters).
+
+    >>> bounded("sift", "sift"), len(bounded("a" * 400, "a" * 400)), bounded("a" * 400, "a" * 400)[-17:]
+    ('sift', 150, '~abd5e54be3f59d8e')
+    """
+    if len(text) <= limit:
+        return text
+    digest = hashlib.sha256(str(name).encode()).hexdigest()[:16]
+    return f"{text[:limit - 17]}~{digest}"
 
 
 def warped_path(folder: str | Path, method: str, pair_id: str) -> Path:

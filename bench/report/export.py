@@ -45,7 +45,7 @@ def _pair_table(run: Run) -> tuple[pd.DataFrame, list[str]] | None:
     first = table.columns[0]
     if first.startswith("Unnamed") or first.strip().lower() in ("", "index"):
         table = table.rename(columns={first: ""})
-        ids = [v.strip() for v in table[""]]
+        ids = [pairs.one_line(v) for v in table[""]]  # the form pair ids have in the run
     else:
         ids = [str(i) for i in range(len(table))]
     extra = (COL_WARPED, COL_TIME, COL_STATUS, COL_ERROR)
@@ -86,7 +86,7 @@ def export_anhir(run_dir: str | Path, method: str, out_dir: str | Path | None = 
     if method not in methods:
         raise ReportError(f"{run.path}: method {method!r} not in this run (it has: {', '.join(methods)})")
     rows = df[df["method"] == method].drop_duplicates("pair_id", keep="last").set_index("pair_id", drop=False)
-    out = Path(out_dir) if out_dir is not None else run.path / "anhir-export" / method
+    out = Path(out_dir) if out_dir is not None else run.path / "anhir-export" / safe_name(method)
     found = _pair_table(run)
     table, ids = found if found is not None else _table_from_results(rows)
     (out / WARPED).mkdir(parents=True, exist_ok=True)

@@ -236,12 +236,17 @@ def comparison_figure(df: pd.DataFrame, runs: dict[str, Run], pair_key: str, out
 
 
 def slug(text: str) -> str:
-    """A file-name-safe form of a label.
+    """A file-name-safe form of a label, bounded like the store's names (:func:`bench.store.bounded`: a long
+    label keeps a prefix and a hash of the whole label).
 
     >>> slug("sift [cuda:0] (run-2)")
     'sift-cuda-0-run-2'
+    >>> len(slug("|".join(["identity"] * 300))) <= 100
+    True
     """
-    return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-") or "method"
+    from bench.store import bounded
+
+    return bounded(re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-") or "method", text, limit=100)
 
 
 def build_gallery(df: pd.DataFrame, runs: list[Run], out_dir: Path, k: int = 3) -> list[dict]:
