@@ -11,6 +11,11 @@ import math
 import numpy as np
 
 SUCCESS_THRESHOLD = 0.035  # median rTRE at or below which a pair counts as aligned (see FIELD-NOTES.md)
+# the paper's success measured (docs/report.md, "Downstream success"): a nonrigid stage started from the
+# initial method's result converged (not worse than its start beyond the landmarks' precision) to a
+# registration-grade result
+DOWNSTREAM_THRESHOLD = 0.01  # final median rTRE at or below which the nonrigid stage reached a good result
+CONVERGENCE_SLACK = 0.001  # final <= start + this: the stage did not make the alignment worse
 
 
 def common_landmarks(source: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -120,3 +125,23 @@ def score_pair(
     row["robustness"] = robustness(after, before)
     row["success"] = success(float(np.median(after)), threshold)
     return row
+
+
+def converged(start_rtre: float, final_rtre: float, slack: float = CONVERGENCE_SLACK) -> bool:
+    """The nonrigid stage did not make its start worse (beyond ``slack``, the landmarks' own precision).
+
+    >>> converged(0.020, 0.004), converged(0.004, 0.0045), converged(0.004, 0.0062)
+    (True, True, False)
+    """
+    return bool(math.isfinite(start_rtre) and math.isfinite(final_rtre) and final_rtre <= start_rtre + slack)
+
+
+def downstream_success(status: str, start_rtre: float, final_rtre: float,
+                       threshold: float = DOWNSTREAM_THRESHOLD) -> bool:
+    """The paper's success, measured: the row is ok, the nonrigid stage converged from its start and reached
+    ``threshold`` (docs/report.md, "Downstream success").
+
+    >>> downstream_success("ok", 0.03, 0.006), downstream_success("ok", 0.08, 0.05), downstream_success("failed", 0.01, 0.005)
+    (True, False, False)
+    """
+    return status == "ok" and converged(start_rtre, final_rtre) and final_rtre <= threshold

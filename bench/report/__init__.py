@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench import quality
-from bench.report import gallery, page, plots, reliability, stats, tables
+from bench import metrics, quality
+from bench.report import gallery, nonrigid, page, plots, reliability, stats, tables
 from bench.report.export import export_anhir
 from bench.report.load import ReportError, Run, landmark_errors, latest_run, load_run, load_runs, relpath
 
@@ -96,6 +96,8 @@ def _write_tables(df: pd.DataFrame, out: Path, multi: bool, threshold: float, ru
         "quality": reliability.quality_table(df, q_threshold),
         "likely_failed": reliability.likely_failed(df, q_threshold),
         "composed": tables.composition_table(df),
+        "downstream": nonrigid.downstream_table(df),
+        "proxy": nonrigid.proxy_table(df, threshold),
     }
     tdir = out / "tables"
     captions = {"table1": "Accuracy, time and success per method", "per_tissue": "Per tissue",
@@ -103,7 +105,8 @@ def _write_tables(df: pd.DataFrame, out: Path, multi: bool, threshold: float, ru
     for name in ("table1", "per_tissue", "per_pair_status"):
         tables.write_table(t[name], tdir, name, tables.display_columns(t[name], multi), captions[name],
                            _table_notes(runs, t[name]))  # fmt: skip
-    for name in ("status_counts", "initial", "bootstrap", "wilcoxon", "quality", "likely_failed", "composed"):
+    for name in ("status_counts", "initial", "bootstrap", "wilcoxon", "quality", "likely_failed", "composed",
+                 "downstream", "proxy"):
         tables.write_table(t[name], tdir, name, list(t[name].columns), name.replace("_", " "))
     return t
 
@@ -112,6 +115,9 @@ def _make_plots(df, t, after, before, colours, threshold, q_threshold, out: Path
     fdir = out / "figures"
     rated = reliability.rated_rows(df)
     extra = {"quality_roc": plots.quality_roc(rated, t["quality"], colours, q_threshold, fdir)} if len(rated) else {}
+    capture = nonrigid.capture_plot(df, colours, fdir, threshold)
+    if capture is not None:
+        extra["capture_range"] = capture
     return extra | {
         "figure2": plots.cdf_plot(after, before, colours, fdir),
         "success_vs_threshold": plots.success_curve(df, colours, threshold, fdir),
@@ -143,6 +149,8 @@ def _tables_html(t, multi: bool, out: Path) -> dict[str, str]:
         "wilcoxon": show("wilcoxon", list(t["wilcoxon"].columns)),
         "quality": show("quality", list(t["quality"].columns)),
         "likely_failed": show("likely_failed", list(t["likely_failed"].columns)),
+        "downstream": show("downstream", list(t["downstream"].columns)),
+        "proxy": show("proxy", list(t["proxy"].columns)),
         "_init_n": str(int(init["pairs_scored"].iloc[0])) if len(init) else "0",
     }
 
@@ -208,6 +216,24 @@ def _quality_html(t, figs, q_threshold: float, q_source: str, out: Path, th: dic
     return text + th["quality"] + fig + "<h3>Likely failed</h3>" + lf_text + th["likely_failed"]
 
 
+def _downstream_html(t, figs, threshold: float, out: Path, th: dict[str, str]) -> str:
+    if t["downstream"].empty:
+        return ('<p class="note">No nonrigid stage in these runs: run with <code>--then deformable</code> (or '
+                "<code>bspline</code>, <code>demons</code>) to measure from which start a generic nonrigid "
+                "registration converges, the paper's definition of success.</p>")
+    text = (f"<p>Each nonrigid method's rows against their start (the initial method's affine result). "
+            f"<b>Downstream success</b>: the row is ok, the stage converged (final &le; start + "
+            f"{metrics.CONVERGENCE_SLACK:g}) and the final median rTRE is at most "
+            f"{metrics.DOWNSTREAM_THRESHOLD:g} (docs/report.md).</p>")
+    fig = page.figure(figs["capture_range"]["png"], "Capture range: final against start median rTRE, one point "
+                      "per pair and method; below the diagonal the stage improved its start.",
+                      _figure_links(figs["capture_range"], out)) if "capture_range" in figs else ""
+    proxy = (f"<h3>Does the affine success (start &le; {threshold:g}) predict downstream success?</h3>"
+             "<p>Confusion counts of the affine proxy against downstream success, and the start threshold that "
+             "predicts it best on these rows (ties: the largest).</p>" + th["proxy"])
+    return text + th["downstream"] + fig + proxy
+
+
 def _sections(runs, df, t, figs, gal, notes, threshold, out: Path, multi: bool, q_threshold: float,
               q_source: str) -> list[str]:  # fmt: skip
     th = _tables_html(t, multi, out)
@@ -254,6 +280,7 @@ def _sections(runs, df, t, figs, gal, notes, threshold, out: Path, multi: bool, 
         page.section("figure2", fig2),
         page.section("plots", plot_html),
         page.section("quality", _quality_html(t, figs, q_threshold, q_source, out, th)),
+        page.section("downstream", _downstream_html(t, figs, threshold, out, th)),
         page.section("statistics", "<h3>Bootstrap 95 % intervals</h3>" + th["bootstrap"]
                      + "<h3>Paired Wilcoxon signed-rank tests (per-pair median rTRE)</h3>" + th["wilcoxon"]),
         page.section("gallery", gal_html),
@@ -289,6 +316,10 @@ def _markdown_report(title: str, subtitle: str, runs, df, t, figs, notes, thresh
         lines += [tables.to_markdown(q, list(q.columns))]
     else:
         lines += ["No scored ok row has a quality score.", ""]
+    if not t["downstream"].empty:
+        lines += ["## Downstream: what a start is worth to a nonrigid stage", ""]
+        lines += [tables.to_markdown(t["downstream"], list(t["downstream"].columns))]
+        lines += [tables.to_markdown(t["proxy"], list(t["proxy"].columns))]
     lines += ["## Figures", ""]
     lines += [f"- [{k}]({relpath(v['png'], out)})" for k, v in figs.items()]
     lines += ["", "Every number is defined in `docs/report.md`; the full report with the gallery and the "

@@ -20,6 +20,7 @@ SECTIONS = {
     "figure2": "Figure 2: cumulative distribution of landmark rTRE",
     "plots": "More plots",
     "quality": "Quality: does the landmark-free score predict success?",
+    "downstream": "Downstream: what a start is worth to a nonrigid stage",
     "statistics": "Statistics",
     "gallery": "Failure gallery",
     "manifest": "Run manifest",
