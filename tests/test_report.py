@@ -24,7 +24,7 @@ import pandas as pd
 import pytest
 from scipy import stats as sps
 
-from bench import geometry
+from bench import geometry, record
 from bench import quality as bench_quality
 from bench.anhir_import import import_anhir
 from bench.method import ImageView
@@ -44,12 +44,7 @@ from bench.report.load import warped_file
 
 THRESHOLD = 0.035
 H, W = 240, 320
-COLUMNS = (
-    "pair_id tissue method method_version status error n_landmarks rtre_median rtre_mean rtre_max rtre_min "
-    "rtre_std ire_median robustness success quality time_s time_cpu_s time_source time_preprocess_s "
-    "preprocess_cached device params matrix "
-    "diagnostics fallback source_image target_image source_landmarks target_landmarks diagonal"
-).split()
+COLUMNS = list(record.COLUMNS)  # the fixture writes results.csv as the store would (one declaration of the schema)
 
 
 # ---------------------------------------------------------------- a real, small run folder
@@ -189,7 +184,7 @@ def make_run(run: Path, table: Path, pairs: list[dict], methods=("identity", "or
     rows = [result_row(p, m, run, rng) for p in pairs for m in methods]
     pd.DataFrame(rows, columns=COLUMNS).to_csv(run / "results.csv", index=False)
     manifest = {
-        "schema_version": 2, "command": "tests/test_report.py make_run", "git_commit": "n/a (test fixture)",
+        "schema_version": record.SCHEMA_VERSION, "command": "tests/test_report.py make_run", "git_commit": "n/a (test fixture)",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": {"cpus": 2}, "packages": {"numpy": np.__version__},
         "dataset": {"path": str(table), "sha256": file_digest(table), "n_pairs": len(pairs)},
         "preprocess": {"params": {}}, "methods": {m: {"version": "1", "params": {}} for m in methods},
@@ -500,7 +495,7 @@ def test_clear_errors(run_dir, tmp_path):
     (foreign / "results.csv").write_text("a,b\n1,2\n")
     with pytest.raises(ReportError, match="no run.json"):
         build_report([foreign])
-    (foreign / "run.json").write_text(json.dumps({"schema_version": 2}))
+    (foreign / "run.json").write_text(json.dumps({"schema_version": record.SCHEMA_VERSION}))
     with pytest.raises(ReportError, match="not a histreg-bench results file"):
         build_report([foreign])
     old = _copy_run(run_dir, tmp_path / "old")
