@@ -357,3 +357,16 @@ def test_a_plan_does_not_import_torch_when_no_gpu_can_be_there(tmp_path: Path):
     assert resolve_device("auto") == "cpu"
     with pytest.raises(RunError, match="no CUDA device"):
         resolve_device("cuda")
+
+
+def test_a_long_run_times_the_reference_workload_at_its_end_too(tiny_table, tmp_path, monkeypatch):
+    from bench import runner as runner_mod
+
+    common = dict(dataset=tiny_table, methods="identity", cache_enabled=False, device="cpu", limit=1)
+    run(RunConfig(out=tmp_path / "short", **common))
+    short = json.loads((tmp_path / "short" / "run.json").read_text())
+    assert short["reference_time_s"] > 0 and "reference_time_end_s" not in short
+    monkeypatch.setattr(runner_mod, "REFERENCE_AGAIN_AFTER_S", 0.0)  # every run counts as long
+    run(RunConfig(out=tmp_path / "long", **common))
+    long = json.loads((tmp_path / "long" / "run.json").read_text())
+    assert long["reference_time_s"] > 0 and long["reference_time_end_s"] > 0

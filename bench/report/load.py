@@ -134,6 +134,19 @@ def _read_results(path: Path) -> pd.DataFrame:
     return record.frame(rows)
 
 
+def reference_time(manifest: dict[str, Any]) -> float:
+    """The run's reference time: the geometric mean of the workload timed at the start and at the end of the
+    run when both were (a machine whose speed drifted), else the start's; NaN when the run has none.
+
+    >>> reference_time({"reference_time_s": 0.2, "reference_time_end_s": 0.8}), reference_time({})
+    (0.4, nan)
+    """
+    start, end = manifest.get("reference_time_s"), manifest.get("reference_time_end_s")
+    if isinstance(start, int | float) and start > 0 and isinstance(end, int | float) and end > 0:
+        return round(float(np.sqrt(start * end)), 12)
+    return float(start) if isinstance(start, int | float) and start > 0 else float("nan")
+
+
 def load_run(path: str | Path, require_scored: bool = True) -> Run:
     """Read and validate one run folder; raise :class:`ReportError` on any fault.
 
@@ -223,7 +236,7 @@ def load_runs(paths: list[str | Path]) -> tuple[list[Run], pd.DataFrame]:
         df = run.results.copy()
         df["run"] = run.name
         # machine-normalised time: method time / the run's fixed reference workload time (BIRL's idea)
-        df["reference_time_s"] = float(run.manifest.get("reference_time_s") or np.nan)
+        df["reference_time_s"] = reference_time(run.manifest)
         digest = str((run.manifest.get("dataset") or {}).get("sha256") or run.name)[:12]
         df["pair_key"] = digest + ":" + df["pair_id"].astype(str)
         status = _pair_status(run)
