@@ -236,6 +236,20 @@ def test_quality_auc_reports_run_folders(tmp_path, capsys):
     assert "1 ok rows (0 successes), 1 other rows" in capsys.readouterr().out
 
 
+def test_quality_auc_generated_design_set_sizes_gray_and_candidates(tmp_path):
+    quality_auc = _load("quality_auc")
+    table = quality_auc.write_generated(tmp_path, 2, 3, size=256, gray=True, stain_jitter=0.3)
+    assert len(table) == 2
+    for _, r in table.iterrows():
+        img = cv2.imread(str(tmp_path / r["Target image"]))
+        assert max(img.shape[:2]) == 256
+        assert np.abs(img.astype(int) - img[..., :1].astype(int)).max() <= 3
+    cands = quality_auc.generated_candidates(tmp_path, table, 3, disturbed=3, method_names=())
+    assert len(cands) == 2 * (2 + 3) and set(cands["kind"]) == {"truth", "preprocessed", "disturbed"}
+    truth = cands[cands["kind"] == "truth"]
+    assert (truth["rtre"] < 0.01).all() and truth["success"].all() and (truth["quality"] > 0).all()
+
+
 def test_frame_cut_pairs_cuts_and_moves_with_the_landmarks_inside(tiny_table, tmp_path):
     frame_cut_pairs = _load("frame_cut_pairs")
     plain = load_table(tiny_table)
