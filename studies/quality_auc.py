@@ -37,6 +37,7 @@ import sys
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pandas as pd
 from bench.datasets.synthetic import (
@@ -60,9 +61,15 @@ METHODS = ("sift", "surf", "iterative", "learned")
 # the generated design set
 
 
-def write_generated(folder: Path, n_pairs: int, seed: int) -> pd.DataFrame:
-    """Write the design pairs (ANHIR layout) and return their table plus each pair's true matrix."""
-    cfg = GeneratorConfig(size=1024, elastic_px=10.0, scale_range=(0.85, 1.2), max_shear=0.08)
+def write_generated(folder: Path, n_pairs: int, seed: int, size: int = 1024, gray: bool = False,
+                    stain_jitter: float = 0.12) -> pd.DataFrame:
+    """Write the design pairs (ANHIR layout) and return their table plus each pair's true matrix.
+
+    ``size``: the target's longer side (the elastic warp scales with it: 10 px at 1024); ``gray``: both
+    images as 3-channel grayscale scans; ``stain_jitter``: the generator's per-image spread of stain colours.
+    """
+    cfg = GeneratorConfig(size=size, elastic_px=10.0 * size / 1024, scale_range=(0.85, 1.2), max_shear=0.08,
+                          stain_jitter=stain_jitter)
     rows = []
     for k, (tissue, s, t, pair_seed) in enumerate(dataset_plan(n_pairs, seed)):
         # consecutive cuts share the coarse structure, not the cells: the source's structure finer than 3 or
@@ -70,6 +77,8 @@ def write_generated(folder: Path, n_pairs: int, seed: int) -> pd.DataFrame:
         variation = Variation(mirror_probability=0.25, texture_swap_sigma=3.0 if k % 2 else 6.0)
         pair = generate_pair(pair_seed, tissue=tissue, source_stain=s, target_stain=t, config=cfg,
                              variation=variation)
+        if gray:
+            pair = dataclasses.replace(pair, source_rgb=gray_rgb(pair.source_rgb), target_rgb=gray_rgb(pair.target_rgb))
         truth, p = pair.true_matrix, pair
         paths = write_pair(folder, f"{tissue}_{k}", pair)
         h, w = p.target_rgb.shape[:2]
@@ -79,6 +88,11 @@ def write_generated(folder: Path, n_pairs: int, seed: int) -> pd.DataFrame:
     table = pd.DataFrame(rows, columns=[*TABLE_HEADER, "truth"])
     table.drop(columns="truth").to_csv(folder / "dataset.csv", index=False)
     return table
+
+
+def gray_rgb(rgb: np.ndarray) -> np.ndarray:
+    """An RGB uint8 image as a 3-channel grayscale one."""
+    return np.repeat(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)[..., None], 3, axis=2)
 
 
 def _disturbances(rng: np.random.Generator, centre: np.ndarray, radius: float, diag: float, n: int) -> list:
@@ -95,11 +109,12 @@ def _disturbances(rng: np.random.Generator, centre: np.ndarray, radius: float, d
     return out
 
 
-def generated_candidates(folder: Path, table: pd.DataFrame, seed: int, disturbed: int = 8) -> pd.DataFrame:
+def generated_candidates(folder: Path, table: pd.DataFrame, seed: int, disturbed: int = 8,
+                         method_names: tuple[str, ...] = METHODS) -> pd.DataFrame:
     """Every candidate alignment of every design pair with its landmark error (see the module doc)."""
     from bench.registry import get
 
-    methods = {name: get(name)() for name in METHODS}
+    methods = {name: get(name)() for name in method_names}
     for m in methods.values():
         m.prepare(Context())
     rng = np.random.default_rng(seed)
@@ -215,6 +230,11 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("out", type=Path)
     g.add_argument("--pairs", type=int, default=24)
     g.add_argument("--seed", type=int, default=2024)
+    g.add_argument("--size", type=int, default=1024, help="longer side of the targets, px")
+    g.add_argument("--gray", action="store_true", help="grayscale scans")
+    g.add_argument("--stain-jitter", type=float, default=0.12, help="the generator's stain colour spread")
+    g.add_argument("--disturbed", type=int, default=8, help="disturbed truths per pair")
+    g.add_argument("--methods", default=",".join(METHODS), help="methods whose results are candidates")
     c = sub.add_parser("cost", help="time quality vs a sift call on the pairs of a generated folder")
     c.add_argument("folder", type=Path)
     c.add_argument("--pairs", type=int, default=8)
@@ -226,8 +246,9 @@ def main(argv: list[str] | None = None) -> None:
         report_runs(a.runs, [m for m in a.methods.split(",") if m] or None, a.offline)
         return
     a.out.mkdir(parents=True, exist_ok=True)
-    table = write_generated(a.out, a.pairs, a.seed)
-    cands = generated_candidates(a.out, table, a.seed)
+    table = write_generated(a.out, a.pairs, a.seed, a.size, a.gray, a.stain_jitter)
+    table.to_csv(a.out / "truth.csv", index=False)
+    cands = generated_candidates(a.out, table, a.seed, a.disturbed, tuple(m for m in a.methods.split(",") if m))
     cands.to_csv(a.out / "candidates.csv", index=False)
     print(f"{a.out}: {len(cands)} candidates ({int(cands['success'].sum())} successes); quality "
           f"{cands['quality_ms'].median():.1f} ms median per call")

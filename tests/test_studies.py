@@ -159,6 +159,44 @@ def test_make_variants_moves_sources_and_landmarks_together(tiny_table, tmp_path
     assert "4 pairs" in capsys.readouterr().out
 
 
+def test_quality_variants_gray_smaller_and_jittered_with_landmarks(tiny_table, tmp_path, capsys):
+    quality_variants = _load("quality_variants")
+    with pytest.raises(SystemExit):  # never inside the repository
+        quality_variants.main([str(tiny_table), str(STUDIES / "variants")])
+    assert not (STUDIES / "variants").exists()
+    originals = {p.pair_id: p for p in load_table(tiny_table)}
+    plain = quality_variants.build(tiny_table, tmp_path / "plain", copies=2, seed=5)
+    assert quality_variants.main([str(tiny_table), str(tmp_path / "v"), "--copies", "2", "--seed", "5", "--gray",
+                                  "--longer-side", "128", "--jitter"]) == 0
+    assert "dataset.csv" in capsys.readouterr().out
+    variants, same_moves = load_table(tmp_path / "v" / "dataset.csv"), load_table(plain)
+    notes = json.loads((tmp_path / "v" / "variants.json").read_text())
+    assert len(variants) == 4 and set(notes) == {v.pair_id for v in variants}
+    for v, p in zip(variants, same_moves, strict=True):
+        original = originals[notes[v.pair_id]["from"]]
+        factor = notes[v.pair_id]["factor"]
+        target = cv2.imread(str(v.target_image))
+        source = cv2.imread(str(v.source_image))
+        assert max(target.shape[:2]) == 128 and factor == pytest.approx(0.5)
+        for img in (source, target):  # 3-channel grayscale (JPEG keeps the channels within a level or two)
+            assert np.abs(img.astype(int) - img[..., :1].astype(int)).max() <= 3
+        assert v.diagonal == pytest.approx(np.hypot(*target.shape[:2]), abs=0.01)
+        assert v.diagonal == pytest.approx(original.diagonal * factor, rel=0.01)
+        oh, ow = cv2.imread(str(original.target_image)).shape[:2]
+        scale = np.array([target.shape[1] / ow, target.shape[0] / oh])
+        assert np.allclose(read_landmarks(v.target_landmarks),
+                           (read_landmarks(original.target_landmarks) + 0.5) * scale - 0.5, atol=0.01)
+        # the same seed moves the sources the same way, whatever the appearance: same move description
+        assert notes[v.pair_id]["move"] == json.loads((tmp_path / "plain" / "variants.json").read_text())[p.pair_id]["move"]
+        h, w = source.shape[:2]
+        pts = read_landmarks(v.source_landmarks)
+        assert (pts >= 0).all() and (pts <= [w - 1, h - 1]).all()
+    a = cv2.imread(str(same_moves[0].target_image)).astype(float)
+    b = cv2.imread(str(load_table(quality_variants.build(tiny_table, tmp_path / "j", copies=2, seed=5,
+                                                         appearance_jitter=True))[0].target_image)).astype(float)
+    assert np.abs(a - b).mean() > 2  # the jitter changes the appearance
+
+
 def _results(folder: Path, rows: list[tuple]) -> Path:
     folder.mkdir(parents=True)
     pd.DataFrame(rows, columns=["pair_id", "method", "status", "success", "rtre_median", "time_s", "quality"]).to_csv(
@@ -196,6 +234,20 @@ def test_quality_auc_reports_run_folders(tmp_path, capsys):
     assert "sift: AUC 1.000" in out and "surf: AUC nan" in out
     quality_auc.main(["runs", str(run), "--methods", "surf"])
     assert "1 ok rows (0 successes), 1 other rows" in capsys.readouterr().out
+
+
+def test_quality_auc_generated_design_set_sizes_gray_and_candidates(tmp_path):
+    quality_auc = _load("quality_auc")
+    table = quality_auc.write_generated(tmp_path, 2, 3, size=256, gray=True, stain_jitter=0.3)
+    assert len(table) == 2
+    for _, r in table.iterrows():
+        img = cv2.imread(str(tmp_path / r["Target image"]))
+        assert max(img.shape[:2]) == 256
+        assert np.abs(img.astype(int) - img[..., :1].astype(int)).max() <= 3
+    cands = quality_auc.generated_candidates(tmp_path, table, 3, disturbed=3, method_names=())
+    assert len(cands) == 2 * (2 + 3) and set(cands["kind"]) == {"truth", "preprocessed", "disturbed"}
+    truth = cands[cands["kind"] == "truth"]
+    assert (truth["rtre"] < 0.01).all() and truth["success"].all() and (truth["quality"] > 0).all()
 
 
 def test_frame_cut_pairs_cuts_and_moves_with_the_landmarks_inside(tiny_table, tmp_path):
