@@ -175,7 +175,7 @@ def _row(pair: Pair, method: str, info: dict[str, Any]) -> Row:
 
 
 def _score_row(pair: Pair, method: str, cell: str, minutes: str, table: Path, line: int, threshold: float,
-               verdict: tuple[str, str] = ("", "")) -> tuple[Row, np.ndarray | None]:  # fmt: skip
+               verdict: tuple[str, str] = ("", "")) -> tuple[Row, np.ndarray | None]:
     """One result row (and the warped points to store) for one pair of the submission. ``verdict``: the
     tool's own (status, error) when the table has a ``Method status`` column: a ``failed`` or ``timeout``
     there keeps the row failed, scored with the landmarks given (as the runner scores a fallback)."""
@@ -211,7 +211,7 @@ def _score_row(pair: Pair, method: str, cell: str, minutes: str, table: Path, li
         return row, warped
     if src is not None and len(warped) != len(src):
         row.update(status="failed", error=f"warped landmarks of pair {pair.pair_id}: {path}: {len(warped)} points "
-                   f"for {len(src)} source landmarks")  # fmt: skip
+                   f"for {len(src)} source landmarks")
         return row, warped
     if tgt is None or src is None:
         row.status = "unscored"
@@ -228,7 +228,7 @@ def _score_row(pair: Pair, method: str, cell: str, minutes: str, table: Path, li
     status, error = verdict
     if status.strip().lower() in ("failed", "timeout"):
         row.update(status=status.strip().lower(), success=False, fallback=True,
-                   error=f"reported by the tool: {error.strip() or status}")  # fmt: skip
+                   error=f"reported by the tool: {error.strip() or status}")
     return row, warped
 
 
@@ -293,7 +293,7 @@ def import_anhir(run_dir: str | Path, method: str, table: str | Path, replace: b
     existing = set(run.results["method"]) | set((run.manifest.get("methods") or {}).keys())
     if method in existing and not replace:
         raise ReportError(f"{run.path}: method {method!r} is already in this run; choose another name or replace it "
-                          "(--replace)")  # fmt: skip
+                          "(--replace)")
     if method in existing:
         _check_replaceable(run.path, method, run.results[["method", "time_source"]].to_dict("records"),
                            run.manifest)
@@ -309,7 +309,7 @@ def import_anhir(run_dir: str | Path, method: str, table: str | Path, replace: b
     unknown = [i for i in ids if i not in pairs]
     if unknown:
         raise ReportError(f"{table}: pair(s) {', '.join(unknown[:8])} not in the run's dataset {ds_path} "
-                          f"(it has {len(pairs)} pairs)")  # fmt: skip
+                          f"(it has {len(pairs)} pairs)")
     _check_same_pairs(sub, ids, _raw_table(ds_path), table)
     # the run's own pairs only: a submission row for a pair the run never planned (a run made with --limit)
     # is ignored, so the imported method is scored on the pairs the run's other methods were
@@ -323,7 +323,7 @@ def import_anhir(run_dir: str | Path, method: str, table: str | Path, replace: b
     blank = pd.Series([""] * len(sub), index=sub.index)
     times = sub[COL_TIME] if COL_TIME in sub.columns else blank
     verdicts = zip(sub[COL_STATUS] if COL_STATUS in sub.columns else blank,
-                   sub[COL_ERROR] if COL_ERROR in sub.columns else blank, strict=True)  # fmt: skip
+                   sub[COL_ERROR] if COL_ERROR in sub.columns else blank, strict=True)
     rows, warped = [], {}
     for line, pid, cell, minutes, verdict in zip(lines, ids, sub[COL_WARPED], times, verdicts, strict=True):
         row, pts = _score_row(pairs[pid], method, cell, minutes, table, line, threshold, verdict)

@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 
 from bench import geometry
-from bench.pairs import write_landmarks
+from bench.pairs import TABLE_HEADER, write_landmarks
 
 STRIP = 512
 
@@ -115,8 +115,7 @@ def write_large_pair(folder: str | Path, *, long_side: int = 16000, factor: int 
         table = folder / f"dataset-{fmt}.csv"
         with table.open("w", newline="") as fh:
             w = csv.writer(fh)
-            w.writerow(["", "Source image", "Source landmarks", "Target image", "Target landmarks",
-                        "Image diagonal [pixels]", "Image size [pixels]", "status"])
+            w.writerow(TABLE_HEADER)
             w.writerow([0, rows[0][0], rows[0][1], rows[1][0], rows[1][1], f"{np.hypot(th, tw):.1f}",
                         f"({th}, {tw})", "training"])
         tables[fmt] = table

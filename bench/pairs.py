@@ -33,6 +33,8 @@ COL_TARGET_LANDMARKS = "Target landmarks"
 COL_DIAGONAL = "Image diagonal [pixels]"
 COL_SIZE = "Image size [pixels]"
 COL_STATUS = "status"
+TABLE_HEADER = ("", COL_SOURCE_IMAGE, COL_SOURCE_LANDMARKS, COL_TARGET_IMAGE, COL_TARGET_LANDMARKS,
+                COL_DIAGONAL, COL_SIZE, COL_STATUS)  # the pair table's columns as written, index first
 REQUIRED_COLUMNS = (COL_SOURCE_IMAGE, COL_TARGET_IMAGE)
 KNOWN_COLUMNS = (
     COL_SOURCE_IMAGE,

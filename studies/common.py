@@ -12,10 +12,9 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from bench.datasets.synthetic import TABLE_HEADER
 
 from bench import geometry
-from bench.pairs import write_landmarks
+from bench.pairs import TABLE_HEADER, write_landmarks
 
 
 def move_on_canvas(rng: np.random.Generator, img: np.ndarray,

@@ -26,10 +26,7 @@ import cv2
 import numpy as np
 
 from bench import geometry
-from bench.pairs import load_table, read_landmarks, write_landmarks
-
-HEADER = ["", "Source image", "Source landmarks", "Target image", "Target landmarks",
-          "Image diagonal [pixels]", "Image size [pixels]", "status"]  # fmt: skip
+from bench.pairs import TABLE_HEADER, load_table, read_landmarks, write_landmarks
 
 
 def random_move(rng: np.random.Generator, shape: tuple[int, int], mirror: bool) -> tuple[np.ndarray, str]:
@@ -98,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             moves[pid] = {"matrix": full.tolist(), "move": f"{desc} gamma {gamma:.3f}", "from": pair.pair_id}
     with (args.out / "dataset.csv").open("w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(HEADER)
+        w.writerow(TABLE_HEADER)
         w.writerows(rows)
     (args.out / "moves.json").write_text(json.dumps(moves, indent=1))
     print(f"{len(rows)} pairs -> {args.out / 'dataset.csv'}")

@@ -41,7 +41,6 @@ import cv2
 import numpy as np
 import pandas as pd
 from bench.datasets.synthetic import (
-    TABLE_HEADER,
     GeneratorConfig,
     Variation,
     dataset_plan,
@@ -51,7 +50,7 @@ from bench.datasets.synthetic import (
 
 from bench import Context, RegistrationFailed, geometry, quality
 from bench.metrics import SUCCESS_THRESHOLD as SUCCESS
-from bench.pairs import read_landmarks
+from bench.pairs import TABLE_HEADER, read_landmarks
 from bench.preprocess import PreprocessParams, prepare_pair
 
 METHODS = ("sift", "surf", "iterative", "learned")

@@ -32,10 +32,10 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from make_variants import HEADER, move_image, random_move
+from make_variants import move_image, random_move
 
 from bench import geometry
-from bench.pairs import load_table, read_landmarks, write_landmarks
+from bench.pairs import TABLE_HEADER, load_table, read_landmarks, write_landmarks
 
 
 def to_gray(image: np.ndarray) -> np.ndarray:
@@ -116,7 +116,7 @@ def build(table: Path, out: Path, *, copies: int = 1, seed: int = 2026, gray: bo
                           "appearance": note, "gray": gray}
     with (out / "dataset.csv").open("w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(HEADER)
+        writer.writerow(TABLE_HEADER)
         writer.writerows(rows)
     (out / "variants.json").write_text(json.dumps(notes, indent=1))
     return out / "dataset.csv"

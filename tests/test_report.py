@@ -97,7 +97,7 @@ def score(moved, source, target, diagonal):
         "n_landmarks": n, "rtre_median": np.median(after), "rtre_mean": after.mean(), "rtre_max": after.max(),
         "rtre_min": after.min(), "rtre_std": after.std(), "ire_median": np.median(before),
         "robustness": float(np.mean(after < before)),
-    }  # fmt: skip
+    }
 
 
 def make_dataset(root: Path, seed: int = 0, n_pairs: int = 6) -> tuple[Path, list[dict]]:
@@ -111,7 +111,7 @@ def make_dataset(root: Path, seed: int = 0, n_pairs: int = 6) -> tuple[Path, lis
         folder.mkdir(parents=True)
         target = blobs(rng)
         truth = geometry.random_affine(rng, (W / 2, H / 2), max_rotation_deg=25, scale_range=(0.92, 1.08),
-                                       max_shear=0.03, max_translation=8)  # fmt: skip
+                                       max_shear=0.03, max_translation=8)
         if i == 0:
             truth = geometry.translation(50, -20) @ truth
         source = cv2.warpAffine(target, np.linalg.inv(truth)[:2], (W, H), borderValue=(245, 245, 245))
@@ -129,7 +129,7 @@ def make_dataset(root: Path, seed: int = 0, n_pairs: int = 6) -> tuple[Path, lis
         rows.append({"": i, "Source image": rel + "source.jpg", "Source landmarks": rel + "source.csv",
                      "Target image": rel + "target.jpg", "Target landmarks": "" if evaluation else rel + "target.csv",
                      "Image diagonal [pixels]": math.hypot(H, W), "Image size [pixels]": f"({H}, {W})",
-                     "status": "evaluation" if evaluation else "training"})  # fmt: skip
+                     "status": "evaluation" if evaluation else "training"})
         pairs.append(
             {"pair_id": str(i), "tissue": tissue, "folder": folder, "truth": truth, "evaluation": evaluation}
         )
@@ -168,7 +168,7 @@ def result_row(pair: dict, method: str, run: Path, rng) -> dict:
            "device": "cpu", "params": "{}", "matrix": json.dumps(matrix.tolist()), "diagnostics": "{}",
            "fallback": fallback, "source_image": str(f / "source.jpg"), "target_image": str(f / "target.jpg"),
            "source_landmarks": str(f / "source.csv"), "diagonal": diag, "success": False,
-           "target_landmarks": "" if pair["evaluation"] else str(f / "target.csv"), "quality": q}  # fmt: skip
+           "target_landmarks": "" if pair["evaluation"] else str(f / "target.csv"), "quality": q}
     if pair["evaluation"]:
         row["status"] = "unscored" if status == "ok" else status
         return row
@@ -178,7 +178,7 @@ def result_row(pair: dict, method: str, run: Path, rng) -> dict:
 
 
 def make_run(run: Path, table: Path, pairs: list[dict], methods=("identity", "oracle", "jitter", "centroid"),
-             seed: int = 1) -> Path:  # fmt: skip
+             seed: int = 1) -> Path:
     rng = np.random.default_rng(seed)
     run.mkdir(parents=True)
     rows = [result_row(p, m, run, rng) for p in pairs for m in methods]
@@ -189,7 +189,7 @@ def make_run(run: Path, table: Path, pairs: list[dict], methods=("identity", "or
         "dataset": {"path": str(table), "sha256": file_digest(table), "n_pairs": len(pairs)},
         "preprocess": {"params": {}}, "methods": {m: {"version": "1", "params": {}} for m in methods},
         "success_threshold": THRESHOLD, "device": "cpu", "reference_time_s": 0.05,
-    }  # fmt: skip
+    }
     (run / "run.json").write_text(json.dumps(manifest, indent=2))
     return run
 
@@ -230,7 +230,7 @@ def recompute(results: pd.DataFrame, ref: float = 0.05) -> pd.DataFrame:
             "success_rate_pct": 100 * (evaluable["success"].astype(str) == "True").mean(),
             "robustness_mean": scored["robustness"].mean(), "pairs_scored": len(scored),
             "failures": int(g["status"].isin(["failed", "timeout"]).sum()),
-        }  # fmt: skip
+        }
     return pd.DataFrame(out).T
 
 
@@ -240,7 +240,7 @@ def test_table1_equals_recomputation_from_results_csv(report, run_dir):
     assert sorted(table.index) == sorted(expected.index) == ["centroid", "identity", "jitter", "oracle"]
     for col in expected.columns:
         np.testing.assert_allclose(table.loc[expected.index, col].to_numpy(float), expected[col].to_numpy(float),
-                                   rtol=1e-12, err_msg=col)  # fmt: skip
+                                   rtol=1e-12, err_msg=col)
     assert table.loc["oracle", "median_rtre"] < 1e-6 < table.loc["identity", "median_rtre"]
     assert table.loc["centroid", "failures"] == 1  # pair 0's large shift is refused and scored with identity
 
@@ -250,7 +250,7 @@ def test_markdown_table1_has_one_row_per_method_and_the_papers_columns(report):
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     for col in ("Method", "Median of per-pair median rTRE", "Mean of per-pair median rTRE",
                 "Mean of per-pair max rTRE", "Time, median [ms]", "Time, mean [ms]", "Time, median [× ref]",
-                "Success [%]", "Robustness", "Pairs scored", "Failures", "Device"):  # fmt: skip
+                "Success [%]", "Robustness", "Pairs scored", "Failures", "Device"):
         assert col in header
     assert "Time source" not in header  # only when a row's time was reported by an imported tool
     assert [r.split("|")[1].strip() for r in lines[2:6]] == ["identity", "oracle", "jitter", "centroid"]
@@ -627,7 +627,7 @@ def test_composed_method_names_display_everywhere(run_dir, tmp_path):
     composed = res["method"] == "sift|iterative|preprocessed"
     decided = ["sift" if i % 2 else "iterative" for i in range(int(composed.sum()))]  # as bench.compose records
     res.loc[composed, "diagnostics"] = [json.dumps({"expression": "sift|iterative|preprocessed", "decided": d,
-                                                    "decision": "accepted"}) for d in decided]  # fmt: skip
+                                                    "decision": "accepted"}) for d in decided]
     res.to_csv(run / "results.csv", index=False)
     page_path = build_report([run], tmp_path / "composed-report")
     who = pd.read_csv(page_path.parent / "tables" / "composed.csv").set_index("decided")
@@ -674,7 +674,7 @@ def test_import_anhir_round_trip_equals_the_original_scores(run_dir, data, tmp_p
     original = original[original["method"] == "centroid"].set_index("pair_id").sort_index()
     for col in ("rtre_median", "rtre_mean", "rtre_max", "ire_median", "robustness", "n_landmarks"):
         np.testing.assert_allclose(imported[col].to_numpy(float), original[col].to_numpy(float), rtol=1e-12,
-                                   equal_nan=True, err_msg=col)  # fmt: skip
+                                   equal_nan=True, err_msg=col)
     assert list(imported["success"]) == list(original["success"])
     assert list(imported["status"]) == list(original["status"])  # the tool's own failure verdict is kept
     assert list(imported["fallback"]) == list(original["fallback"])
@@ -682,12 +682,12 @@ def test_import_anhir_round_trip_equals_the_original_scores(run_dir, data, tmp_p
     assert set(imported["time_source"]) == {"reported"} and set(imported["method_version"]) == {"imported"}
     for pid in imported.index:  # stored like the run's own warped landmarks
         np.testing.assert_allclose(read_landmarks(warped_file(other, "outside", pid)),
-                                   read_landmarks(warped_file(run_dir, "centroid", pid)))  # fmt: skip
+                                   read_landmarks(warped_file(run_dir, "centroid", pid)))
     manifest = json.loads((other / "run.json").read_text())
     rec = manifest["methods"]["outside"]
     assert rec["version"] == "imported"
     assert rec["source"] == {"table": str((sub / "registration-results.csv").resolve()),
-                             "sha256": file_digest(sub / "registration-results.csv")}  # fmt: skip
+                             "sha256": file_digest(sub / "registration-results.csv")}
     # the report shows the imported rows beside the built-in ones, with the caveat
     page_path = build_report([other])
     md = (page_path.parent / "tables" / "table1.md").read_text()
@@ -802,7 +802,7 @@ def check_report_against_results(run: Path, report_dir: Path) -> pd.DataFrame:
 def test_end_to_end_bench_run_then_report_and_export(data, tmp_path):
     run = tmp_path / "harness-run"
     bench_cli("run", "--dataset", str(data["table"]), "--methods", "identity,preprocessed,sift", "--out", str(run),
-              "--no-cache", "--device", "cpu")  # fmt: skip
+              "--no-cache", "--device", "cpu")
     out = bench_cli("report", "--run", str(run))
     assert "report.html" in out.stdout + out.stderr
     table = check_report_against_results(run, run / "report")
@@ -815,9 +815,9 @@ def test_end_to_end_bench_run_then_report_and_export(data, tmp_path):
     bench_cli("export-anhir", "--run", str(run), "--method", "sift", "--out", str(tmp_path / "sift-sub"))
     other = tmp_path / "other-run"
     bench_cli("run", "--dataset", str(data["table"]), "--methods", "identity", "--out", str(other), "--no-cache",
-              "--device", "cpu")  # fmt: skip
+              "--device", "cpu")
     bench_cli("import-anhir", "--run", str(other), "--method", "outside",
-              str(tmp_path / "sift-sub" / "registration-results.csv"))  # fmt: skip
+              str(tmp_path / "sift-sub" / "registration-results.csv"))
     res = pd.read_csv(run / "results.csv", dtype={"pair_id": str})
     imp = pd.read_csv(other / "results.csv", dtype={"pair_id": str})
     sift = res[res["method"] == "sift"].set_index("pair_id").sort_index()
@@ -841,7 +841,7 @@ def test_report_on_real_anhir_pairs(tmp_path):
         pytest.skip(f"real data not found at {ANHIR_MINI} (it lives in ../shared beside the checkout)")
     run = tmp_path / "mini"
     bench_cli("run", "--dataset", str(ANHIR_MINI), "--methods", "identity,preprocessed", "--out", str(run),
-              "--no-cache", "--device", "cpu")  # fmt: skip
+              "--no-cache", "--device", "cpu")
     report_path = build_report([run])
     table = check_report_against_results(run, report_path.parent)
     assert table.loc["identity", "pairs_scored"] == 12

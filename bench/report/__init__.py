@@ -44,7 +44,7 @@ def _threshold(runs: list[Run], notes: list[str]) -> float:
     values = sorted({r.threshold for r in runs})
     if len(values) > 1:
         notes.append(f"runs use different success thresholds {values}; Table 1 uses each row's stored success, "
-                     f"the threshold plots use {values[0]:g}")  # fmt: skip
+                     f"the threshold plots use {values[0]:g}")
     return values[0]
 
 
@@ -60,7 +60,7 @@ def generated_note(runs: list[Run]) -> str | None:
     scope = "These data are" if len(gen) == len(runs) else f"{len(gen)} of {len(runs)} runs hold data that are"
     return (f"GENERATED DATA. {scope} generated images with exact landmarks ({which}), not real histology: "
             "the numbers check the benchmark and compare methods on easy, known transforms; they are not the "
-            "methods' performance on real sections.")  # fmt: skip
+            "methods' performance on real sections.")
 
 
 def imported_note(df: pd.DataFrame) -> str | None:
@@ -70,7 +70,7 @@ def imported_note(df: pd.DataFrame) -> str | None:
         return None
     return (f"Imported from an ANHIR submission table (python -m bench import-anhir): {', '.join(rep)}. "
             "Their landmarks are scored here by the same metrics; their time is the figure the tool reported, "
-            "not measured by this harness, and they have no matrix and no quality score.")  # fmt: skip
+            "not measured by this harness, and they have no matrix and no quality score.")
 
 
 def _table_notes(runs: list[Run], table: pd.DataFrame) -> list[str]:
@@ -84,7 +84,7 @@ def _table_notes(runs: list[Run], table: pd.DataFrame) -> list[str]:
 
 
 def _write_tables(df: pd.DataFrame, out: Path, multi: bool, threshold: float, runs: list[Run],
-                  q_threshold: float) -> dict[str, pd.DataFrame]:  # fmt: skip
+                  q_threshold: float) -> dict[str, pd.DataFrame]:
     t = {
         "table1": tables.summary_table(df),
         "per_tissue": tables.summary_table(df, by=("tissue",)),
@@ -101,10 +101,10 @@ def _write_tables(df: pd.DataFrame, out: Path, multi: bool, threshold: float, ru
     }
     tdir = out / "tables"
     captions = {"table1": "Accuracy, time and success per method", "per_tissue": "Per tissue",
-                "per_pair_status": "Per ANHIR pair status"}  # fmt: skip
+                "per_pair_status": "Per ANHIR pair status"}
     for name in ("table1", "per_tissue", "per_pair_status"):
         tables.write_table(t[name], tdir, name, tables.display_columns(t[name], multi), captions[name],
-                           _table_notes(runs, t[name]))  # fmt: skip
+                           _table_notes(runs, t[name]))
     for name in ("status_counts", "initial", "bootstrap", "wilcoxon", "quality", "likely_failed", "composed",
                  "downstream", "proxy"):
         tables.write_table(t[name], tdir, name, list(t[name].columns), name.replace("_", " "))
@@ -195,7 +195,7 @@ def _quality_html(t, figs, q_threshold: float, q_source: str, out: Path, th: dic
     if q.empty or int(q["n_rows"].iloc[0]) == 0:
         return ('<p class="note">No scored ok row has a quality score (older runs, imported rows or no target '
                 "landmarks): nothing to check the score against.</p>" + "<h3>Likely failed</h3>"
-                + th["likely_failed"])  # fmt: skip
+                + th["likely_failed"])
     overall = q.iloc[0]
     text = (
         f"<p>The landmark-free <code>quality</code> score (higher = better aligned) against the landmark "
@@ -207,7 +207,7 @@ def _quality_html(t, figs, q_threshold: float, q_source: str, out: Path, th: dic
     )
     fig = page.figure(figs["quality_roc"]["png"], "ROC of quality as a predictor of success, per method and "
                       "overall (a method whose rated rows all succeeded, or all failed, has no curve); circle: the "
-                      "likely-failed threshold.", _figure_links(figs["quality_roc"], out))  # fmt: skip
+                      "likely-failed threshold.", _figure_links(figs["quality_roc"], out))
     lf = t["likely_failed"]
     lf_text = (
         f"<p>{len(lf)} row(s), scored or not, have a quality below {q_threshold:g}: this is the list a user of "
@@ -235,7 +235,7 @@ def _downstream_html(t, figs, threshold: float, out: Path, th: dict[str, str]) -
 
 
 def _sections(runs, df, t, figs, gal, notes, threshold, out: Path, multi: bool, q_threshold: float,
-              q_source: str) -> list[str]:  # fmt: skip
+              q_source: str) -> list[str]:
     th = _tables_html(t, multi, out)
     n_pairs = df["pair_key"].nunique()
     summary = ""
@@ -267,7 +267,7 @@ def _sections(runs, df, t, figs, gal, notes, threshold, out: Path, multi: bool, 
     )
     fig2 = page.figure(figs["figure2"]["png"], "Cumulative distribution of landmark rTRE per method "
                        "(wide light grey: before registration, drawn under the methods' curves).",
-                       _figure_links(figs["figure2"], out))  # fmt: skip
+                       _figure_links(figs["figure2"], out))
     table1 = th["table1"]
     t1_notes = _table_notes(runs, t["table1"])
     if t1_notes:
@@ -286,11 +286,11 @@ def _sections(runs, df, t, figs, gal, notes, threshold, out: Path, multi: bool, 
         page.section("gallery", gal_html),
         page.section("manifest", page.manifest_html(runs)),
         page.section("definitions", DEFINITIONS),
-    ]  # fmt: skip
+    ]
 
 
 def _markdown_report(title: str, subtitle: str, runs, df, t, figs, notes, threshold, q_threshold, q_source,
-                     out: Path, multi: bool) -> str:  # fmt: skip
+                     out: Path, multi: bool) -> str:
     """``report.md``: the title, the summary, Table 1, the quality check and links to every figure."""
     lines = [f"# {title}", "", f"_{subtitle}_", ""]
     gen = generated_note(runs)
@@ -312,7 +312,7 @@ def _markdown_report(title: str, subtitle: str, runs, df, t, figs, notes, thresh
     if len(q) and int(q["n_rows"].iloc[0]):
         lines += [f"ROC AUC over all methods: **{q['auc'].iloc[0]:.3f}** ({int(q['n_rows'].iloc[0])} scored ok "
                   f"rows). Likely failed: quality below {q_threshold:g} ({q_source}); "
-                  f"{len(t['likely_failed'])} row(s), listed in `tables/likely_failed.md`.", ""]  # fmt: skip
+                  f"{len(t['likely_failed'])} row(s), listed in `tables/likely_failed.md`.", ""]
         lines += [tables.to_markdown(q, list(q.columns))]
     else:
         lines += ["No scored ok row has a quality score.", ""]
@@ -323,7 +323,7 @@ def _markdown_report(title: str, subtitle: str, runs, df, t, figs, notes, thresh
     lines += ["## Figures", ""]
     lines += [f"- [{k}]({relpath(v['png'], out)})" for k, v in figs.items()]
     lines += ["", "Every number is defined in `docs/report.md`; the full report with the gallery and the "
-              "statistics is `report.html`.", ""]  # fmt: skip
+              "statistics is `report.html`.", ""]
     return "\n".join(lines)
 
 

@@ -75,7 +75,7 @@ def _minutes(row: pd.Series, include_preprocess: bool) -> float:
 
 
 def export_anhir(run_dir: str | Path, method: str, out_dir: str | Path | None = None,
-                 include_preprocess: bool = True) -> Path:  # fmt: skip
+                 include_preprocess: bool = True) -> Path:
     """Write ``method``'s results of ``run_dir`` as an ANHIR submission folder; return that folder.
 
     Default folder: ``<run_dir>/anhir-export/<method>``. Raises :class:`ReportError` for an unknown method.

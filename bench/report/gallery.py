@@ -131,12 +131,12 @@ class PairView:
         landmarks_only = after and self.matrix is None and self.w_lnd is not None and not self.problem
         if self.problem or (after and self.matrix is None and not landmarks_only):
             ax.text(0.5, 0.5, self.problem or "no matrix stored", ha="center", va="center", fontsize=7,
-                    transform=ax.transAxes, wrap=True)  # fmt: skip
+                    transform=ax.transAxes, wrap=True)
             return
         if landmarks_only:  # an imported row: the tool gave warped landmarks, no matrix to warp the image by
             moving = np.zeros_like(self.target)
             ax.text(0.02, 0.02, "imported: landmarks only", color="white",
-                    fontsize=6, transform=ax.transAxes, va="bottom")  # fmt: skip
+                    fontsize=6, transform=ax.transAxes, va="bottom")
         else:
             moving = self.warped(self.matrix if after else np.eye(3))
         ax.imshow(composite(self.target, moving), interpolation="bilinear")
@@ -187,7 +187,7 @@ def method_gallery(df: pd.DataFrame, runs: dict[str, Run], label: str, k: int, o
             view.draw(ax_row[0], after=False, title=before)
             view.draw(ax_row[1], after=True, title=_title_after(row))
         fig.suptitle(f"{label}: worst {len(rows)} pair(s)\nmagenta: target, green: source; "
-                     "o target / x source landmarks, yellow: error", fontsize=8)  # fmt: skip
+                     "o target / x source landmarks, yellow: error", fontsize=8)
         out_path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(out_path, dpi=150)
     return out_path

@@ -114,13 +114,13 @@ def cdf_plot(after: pd.DataFrame, before: pd.DataFrame, colours: dict, out_dir: 
         if len(before):  # drawn first, wide and light: a method curve on top of it (identity) leaves it visible
             x, p = _curve(before["rtre"].to_numpy())
             ax.step(x, p, where="post", color=INITIAL_COLOUR, lw=5.0, alpha=0.35, zorder=1,
-                    solid_capstyle="butt", label=f"{INITIAL} (n={len(before)})")  # fmt: skip
+                    solid_capstyle="butt", label=f"{INITIAL} (n={len(before)})")
         for i, (label, colour) in enumerate(colours.items()):
             err = after.loc[after["label"] == label, "rtre"].to_numpy()
             if err.size:
                 x, p = _curve(err)
                 ax.step(x, p, where="post", color=colour, lw=1.5, ls=LINESTYLES[i % len(LINESTYLES)],
-                        zorder=2 + i, label=f"{label} (n={err.size})")  # fmt: skip
+                        zorder=2 + i, label=f"{label} (n={err.size})")
         ax.set_xscale("log")
         ax.set_ylim(0, 1.01)
         ax.set_xlabel(
@@ -152,7 +152,7 @@ def success_curve(df: pd.DataFrame, colours: dict, threshold: float, out_dir: Pa
         for i, (label, colour) in enumerate(colours.items()):
             if label in curves.index:
                 ax.plot(grid, curves.loc[label].to_numpy(), color=colour, lw=1.5,
-                        ls=LINESTYLES[i % len(LINESTYLES)], label=label)  # fmt: skip
+                        ls=LINESTYLES[i % len(LINESTYLES)], label=label)
         ax.axvline(threshold, color="k", ls=":", lw=1, label=f"threshold used: {threshold:g}")
         ax.set_xscale("log")
         ax.set_ylim(-2, 102)
@@ -173,7 +173,7 @@ def pair_boxplot(df: pd.DataFrame, colours: dict, threshold: float, out_dir: Pat
         ax = fig.subplots()
         warnings.filterwarnings("ignore", message=".*vert: bool.*")  # seaborn 0.13 on matplotlib 3.11
         kw = dict(data=data, x="rtre_plot", y="label", order=order, hue="label", hue_order=order,
-                  palette=colours, ax=ax, legend=False)  # fmt: skip
+                  palette=colours, ax=ax, legend=False)
         sns.boxplot(**kw, showfliers=False, fill=False, width=0.6, log_scale=True)
         sns.stripplot(**kw, size=3, alpha=0.7, jitter=0.2)
         ax.axvline(threshold, color="k", ls=":", lw=1)
@@ -185,7 +185,7 @@ def pair_boxplot(df: pd.DataFrame, colours: dict, threshold: float, out_dir: Pat
 
 
 def accuracy_time(df: pd.DataFrame, boot: pd.DataFrame, summary: pd.DataFrame, colours: dict,
-                  out_dir: Path) -> dict[str, Path]:  # fmt: skip
+                  out_dir: Path) -> dict[str, Path]:
     """Accuracy against time: one faint point per pair, one marker per method (median time, median rTRE with
     its 95 % bootstrap interval), so the marker sits among its points. A label whose time was reported by
     an imported tool says so in the legend."""
@@ -240,7 +240,7 @@ def tissue_success(tissue_table: pd.DataFrame, colours: dict, out_dir: Path) -> 
         fig = Figure(figsize=(WIDTH, 3.4))
         ax = fig.subplots()
         sns.barplot(data=tissue_table, x="tissue", y="success_rate_pct", hue="label", order=tissues,
-                    hue_order=order, palette=colours, ax=ax)  # fmt: skip
+                    hue_order=order, palette=colours, ax=ax)
         ax.set_ylim(0, 105)
         ax.set_xlabel("")
         ax.set_ylabel("success rate [%]")
@@ -253,7 +253,7 @@ def tissue_success(tissue_table: pd.DataFrame, colours: dict, out_dir: Path) -> 
 
 
 def quality_roc(rated: pd.DataFrame, table: pd.DataFrame, colours: dict, threshold: float,
-                out_dir: Path) -> dict[str, Path]:  # fmt: skip
+                out_dir: Path) -> dict[str, Path]:
     """ROC curves of the landmark-free ``quality`` as a predictor of success: all methods together (black)
     and per method label (with at least one success and one failure), each with its AUC; the point of the
     "likely failed" threshold marked on the overall curve."""
@@ -271,16 +271,16 @@ def quality_roc(rated: pd.DataFrame, table: pd.DataFrame, colours: dict, thresho
                 continue
             fpr, tpr, _ = reliability.roc_points(rows["quality"].to_numpy(float), y)
             ax.step(fpr, tpr, where="post", color=colour, lw=1.3, ls=LINESTYLES[i % len(LINESTYLES)],
-                    label=f"{label} (AUC {aucs.get(label, math.nan):.3f}, n={len(rows)})")  # fmt: skip
+                    label=f"{label} (AUC {aucs.get(label, math.nan):.3f}, n={len(rows)})")
         y = rated["success"].to_numpy(bool)
         if y.any() and not y.all():
             q = rated["quality"].to_numpy(float)
             fpr, tpr, _ = reliability.roc_points(q, y)
             ax.step(fpr, tpr, where="post", color="k", lw=2.2, zorder=5,
-                    label=f"all methods (AUC {aucs.get('all methods', math.nan):.3f}, n={len(rated)})")  # fmt: skip
+                    label=f"all methods (AUC {aucs.get('all methods', math.nan):.3f}, n={len(rated)})")
             ofpr, otpr = reliability.operating_point(q, y, threshold)
             ax.plot([ofpr], [otpr], "o", ms=7, mfc="white", mec="k", mew=1.2, zorder=6,
-                    label=f"quality ≥ {threshold:g} predicted success")  # fmt: skip
+                    label=f"quality ≥ {threshold:g} predicted success")
         ax.set_xlim(-0.02, 1.02)
         ax.set_ylim(-0.02, 1.02)
         ax.set_aspect("equal")

@@ -62,12 +62,12 @@ def quality_table(df: pd.DataFrame, threshold: float) -> pd.DataFrame:
             "flagged_failed": int((flagged & ~y).sum()),
             "flagged_succeeded": int((flagged & y).sum()),
             "unflagged_failed": int((~flagged & ~y).sum()),
-        })  # fmt: skip
+        })
     return pd.DataFrame.from_records(
         records,
         columns=["label", "n_rows", "n_success", "n_failure", "auc", "flagged_failed", "flagged_succeeded",
                  "unflagged_failed"],
-    )  # fmt: skip
+    )
 
 
 def likely_failed(df: pd.DataFrame, threshold: float) -> pd.DataFrame:

@@ -44,7 +44,7 @@ NUMBER_COLUMNS = (
     "pairs", "start_median_rtre", "final_median_rtre", "final_average_rtre", "downstream_success_pct",
     "converged_pct", "worse_than_start", "stage_time_median_s", "rows", "downstream_successes", "best_threshold",
     "best_accuracy_pct", "threshold", "tp", "fp", "fn", "tn", "accuracy_pct",
-)  # fmt: skip
+)
 DISPLAY = {
     "start_method": "Start (initial method)",
     "stage": "Nonrigid stage",
@@ -119,7 +119,7 @@ DECIMALS = {
     "success_rate_pct": 2, "robustness_mean": 3, "median_a": 4, "median_b": 4, "median_difference": 4,
     "a_better_pct": 1, "statistic": 1, "success_ci_low_pct": 2, "success_ci_high_pct": 2,
     "median_rtre_ci_low": 4, "median_rtre_ci_high": 4,
-}  # fmt: skip
+}
 
 
 def summarise_rows(rows: pd.DataFrame) -> dict[str, float | int]:
@@ -250,19 +250,19 @@ def composition_table(df: pd.DataFrame) -> pd.DataFrame:
         records.append({"label": row.label, "expression": str(diag["expression"]), "decided": str(diag["decided"]),
                         "decision": str(diag.get("decision", "")), "success": bool(row.success),
                         "evaluable": bool(row.evaluable), "scored": bool(row.scored),
-                        "rtre_median": float(row.rtre_median)})  # fmt: skip
+                        "rtre_median": float(row.rtre_median)})
     cols = ["label", "expression", "decided", "decision", "n_rows", "success_rate_pct", "median_rtre"]
     if not records:
         return pd.DataFrame(columns=cols)
     rec = pd.DataFrame.from_records(records)
     out = []
     for (label, expr, decided, decision), g in rec.groupby(["label", "expression", "decided", "decision"],
-                                                           sort=False):  # fmt: skip
+                                                           sort=False):
         ev, sc = g[g["evaluable"]], g[g["scored"]]
         out.append({"label": label, "expression": expr, "decided": decided, "decision": decision,
                     "n_rows": int(len(g)),
                     "success_rate_pct": float(ev["success"].mean() * 100) if len(ev) else math.nan,
-                    "median_rtre": float(sc["rtre_median"].median()) if len(sc) else math.nan})  # fmt: skip
+                    "median_rtre": float(sc["rtre_median"].median()) if len(sc) else math.nan})
     return pd.DataFrame.from_records(out, columns=cols)
 
 
@@ -336,7 +336,7 @@ def _latex_escape(text: str) -> str:
 
 
 def to_latex(table: pd.DataFrame, columns: list[str], caption: str = "", label: str = "",
-             notes: tuple[str, ...] | list[str] = ()) -> str:  # fmt: skip
+             notes: tuple[str, ...] | list[str] = ()) -> str:
     """A booktabs ``table`` environment (needs ``\\usepackage{booktabs}``); ``notes`` follow the tabular."""
     header, rows = formatted(table, columns)
     spec = "".join("r" if c in NUMBER_COLUMNS else "l" for c in columns)
@@ -385,7 +385,7 @@ def notes_html(notes: tuple[str, ...] | list[str]) -> str:
 def write_table(
     table: pd.DataFrame, out_dir: Path, stem: str, columns: list[str], caption: str,
     notes: tuple[str, ...] | list[str] = (),
-) -> dict[str, Path]:  # fmt: skip
+) -> dict[str, Path]:
     """Write ``stem.csv`` (every column, full precision) and ``stem.md`` / ``.tex`` / ``.html`` (display).
 
     ``notes`` (footnotes such as "generated data" or "time reported by the tool") follow the table in the

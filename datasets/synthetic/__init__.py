@@ -37,13 +37,12 @@ from bench.datasets.synthetic.fields import CHANNELS
 from bench.datasets.synthetic.pair import generate_pair
 from bench.datasets.synthetic.stains import STAINS, render, stain_matrix
 from bench.datasets.synthetic.tissue import TISSUES, base_section
-from bench.datasets.synthetic.write import TABLE_HEADER, dataset_plan, write_dataset, write_pair
+from bench.datasets.synthetic.write import dataset_plan, write_dataset, write_pair
 
 __all__ = [
     "CHANNELS",
     "GENERATOR_VERSION",
     "STAINS",
-    "TABLE_HEADER",
     "TISSUES",
     "GeneratorConfig",
     "SyntheticPair",

@@ -20,19 +20,7 @@ from bench.datasets.synthetic.pair import generate_pair
 from bench.datasets.synthetic.stains import STAINS
 from bench.datasets.synthetic.tissue import TISSUES
 
-from bench.pairs import (
-    COL_DIAGONAL,
-    COL_SIZE,
-    COL_SOURCE_IMAGE,
-    COL_SOURCE_LANDMARKS,
-    COL_STATUS,
-    COL_TARGET_IMAGE,
-    COL_TARGET_LANDMARKS,
-    write_landmarks,
-)
-
-TABLE_HEADER = ("", COL_SOURCE_IMAGE, COL_SOURCE_LANDMARKS, COL_TARGET_IMAGE, COL_TARGET_LANDMARKS,
-                COL_DIAGONAL, COL_SIZE, COL_STATUS)  # the pair table's columns (bench.pairs), index first
+from bench.pairs import TABLE_HEADER, write_landmarks
 
 
 def dataset_plan(n_pairs: int, seed: int) -> list[tuple[str, str, str, int]]:
