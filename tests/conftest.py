@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -96,3 +97,21 @@ def tiny_table(tmp_path: Path) -> Path:
     table = tmp_path / "dataset.csv"
     table.write_text("".join(lines))
     return table
+
+
+FAULTY_METHODS = Path(__file__).resolve().parent / "faulty_methods.py"
+
+
+@pytest.fixture(scope="module")
+def faulty() -> tuple[str, ...]:
+    """The misbehaving methods (``fault-*``, tests/faulty_methods.py) as a ``--plugin`` spec: a file path, so worker
+    processes, Dask workers and ``check``'s children load the same module; unregistered afterwards, so no other
+    test sees them."""
+    from bench import registry
+
+    yield (str(FAULTY_METHODS),)
+    for name in list(registry._REGISTRY):
+        if name.startswith("fault-"):
+            registry._REGISTRY.pop(name)
+    sys.modules.pop(registry.plugin_module_name(FAULTY_METHODS), None)
+    getattr(registry, "_PLUGINS", {}).pop(str(FAULTY_METHODS), None)

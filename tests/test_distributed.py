@@ -15,68 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from bench import registry
 from bench.record import caused_by_run
 from bench.runner import RunConfig, run
 
 pytest.importorskip("distributed", reason="the Dask executor needs: pip install 'histreg-bench[distributed]'")
 
-PLUGIN = "bench_dask_faults"
-FAULTS = '''
-import os
-import signal
-import sys
-import time
-
-import numpy as np
-
-from bench import Estimate, Method, register
-
-
-class _Light(Method):
-    uses_preprocessing = False
-
-
-@register
-class Segfault(_Light):
-    name = "dask-segv"
-
-    def estimate(self, fixed, moving, context):
-        os.kill(os.getpid(), signal.SIGSEGV)
-
-
-@register
-class HardExit(_Light):
-    name = "dask-os-exit"
-
-    def estimate(self, fixed, moving, context):
-        os._exit(4)
-
-
-@register
-class Exits(_Light):
-    name = "dask-exit"
-
-    def estimate(self, fixed, moving, context):
-        sys.exit(3)
-
-
-@register
-class Hang(_Light):
-    name = "dask-hang"
-
-    def estimate(self, fixed, moving, context):
-        time.sleep(3600)
-
-
-@register
-class Sleepy(_Light):
-    name = "dask-sleepy"  # well behaved, slow enough for a worker to be killed during the run
-
-    def estimate(self, fixed, moving, context):
-        time.sleep(1.5)
-        return Estimate(np.eye(3))
-'''
+PLUGIN = str(Path(__file__).resolve().parent / "faulty_methods.py")  # the conftest's ``faulty`` plugin
 START_S = 90  # for the scheduler and the workers to start on a busy machine
 RUN_S = 120  # for one run
 
@@ -101,7 +45,7 @@ def test_dask_run_equals_local_run(tiny_table: Path, tmp_path: Path):
     assert warped == ["0.csv", "1.csv", "2.csv"]
 
 
-def test_resident_worker_is_kept_across_tasks_and_replaced_when_it_dies(tiny_table, tmp_path, dask_faults):
+def test_resident_worker_is_kept_across_tasks_and_replaced_when_it_dies(tiny_table, tmp_path, faulty):
     """What each Dask task runs (from a thread, as a Dask worker runs it): one supervised child kept across
     tasks, a crash that call's row, the next task in a fresh child."""
     import threading
@@ -110,8 +54,8 @@ def test_resident_worker_is_kept_across_tasks_and_replaced_when_it_dies(tiny_tab
     from bench.supervise import _RESIDENTS, resident
     from bench.work import run_pair
 
-    plan = make_plan(RunConfig(dataset=tiny_table, out=tmp_path / "o", methods="identity,dask-segv",
-                               plugins=dask_faults, cache_enabled=False, device="cpu"))
+    plan = make_plan(RunConfig(dataset=tiny_table, out=tmp_path / "o", methods="identity,fault-segv",
+                               plugins=faulty, cache_enabled=False, device="cpu"))
     identity, segv = plan.specs
     seen = {}
 
@@ -127,7 +71,7 @@ def test_resident_worker_is_kept_across_tasks_and_replaced_when_it_dies(tiny_tab
     thread.join(RUN_S)
     assert not thread.is_alive() and len(seen) == 4, seen
     assert seen[0][1] == seen[1][1] != seen[2][1] == seen[3][1]  # kept; replaced once, by the crash
-    assert [r[:2] for r in seen[2][0]] == [("dask-segv", "failed"), ("identity", "ok")]
+    assert [r[:2] for r in seen[2][0]] == [("fault-segv", "failed"), ("identity", "ok")]
     assert seen[2][0][0][2].startswith("crashed: the worker process was killed by SIGSEGV")
 
 
@@ -196,28 +140,7 @@ class Cluster:
 
 
 @pytest.fixture(scope="module")
-def dask_faults(tmp_path_factory) -> tuple[str, ...]:
-    """The crashing and hanging methods, importable here, in the workers and in their supervised children."""
-    folder = tmp_path_factory.mktemp("dask-plugins")
-    (folder / f"{PLUGIN}.py").write_text(FAULTS)
-    sys.path.insert(0, str(folder))
-    old = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(folder), old or ""])
-    yield (PLUGIN,)
-    sys.path.remove(str(folder))
-    if old is None:
-        os.environ.pop("PYTHONPATH", None)
-    else:
-        os.environ["PYTHONPATH"] = old
-    for name in list(registry._REGISTRY):
-        if name.startswith("dask-"):
-            registry._REGISTRY.pop(name)
-    sys.modules.pop(PLUGIN, None)
-    getattr(registry, "_PLUGINS", {}).pop(PLUGIN, None)
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory, dask_faults):
+def cluster(tmp_path_factory, faulty):
     c = Cluster(tmp_path_factory.mktemp("dask-cluster"), dict(os.environ))
     try:
         yield c
@@ -235,7 +158,7 @@ def _command(table: Path, out: Path, scheduler: str, methods: str, *extra: str) 
 def test_crashing_methods_on_dask_are_their_rows(tiny_table, tmp_path, cluster):
     """The issue's case: on 3 pairs the run ends 0, one row per (pair, method), identity ok, crashes failed
     (``crashed:``, retried by a rerun), as a local run gives them."""
-    methods = "identity,dask-segv,dask-os-exit,dask-exit"
+    methods = "identity,fault-segv,fault-os-exit,fault-exit"
     out = tmp_path / "dask"
     proc = subprocess.run(_command(tiny_table, out, cluster.address, methods), capture_output=True, text=True,
                           timeout=RUN_S)
@@ -244,7 +167,7 @@ def test_crashing_methods_on_dask_are_their_rows(tiny_table, tmp_path, cluster):
     rows = _rows(out)
     keys = sorted((r["pair_id"], r["method"]) for r in rows)
     assert keys == sorted((p, m) for p in "012" for m in methods.split(","))
-    words = {"dask-segv": "SIGSEGV", "dask-os-exit": "exited with code 4", "dask-exit": "sys.exit(3)"}
+    words = {"fault-segv": "SIGSEGV", "fault-os-exit": "exited with code 4", "fault-exit": "sys.exit(3)"}
     for r in rows:
         if r["method"] == "identity":
             assert r["status"] == "ok", r
@@ -262,13 +185,13 @@ def test_crashing_methods_on_dask_are_their_rows(tiny_table, tmp_path, cluster):
 @pytest.mark.distributed
 def test_hanging_method_on_dask_times_out(tiny_table, tmp_path, cluster):
     out = tmp_path / "dask"
-    proc = subprocess.run(_command(tiny_table, out, cluster.address, "dask-hang,identity", "--timeout", "2",
+    proc = subprocess.run(_command(tiny_table, out, cluster.address, "fault-hang,identity", "--timeout", "2",
                                    "--limit", "1"), capture_output=True, text=True, timeout=RUN_S)
     assert proc.returncode == 0, proc.stderr
     rows = {r["method"]: r for r in _rows(out)}
     assert len(rows) == 2 and rows["identity"]["status"] == "ok"
-    assert rows["dask-hang"]["status"] == "timeout"
-    assert "exceeded the time limit of 2 s" in rows["dask-hang"]["error"]
+    assert rows["fault-hang"]["status"] == "timeout"
+    assert "exceeded the time limit of 2 s" in rows["fault-hang"]["error"]
 
 
 @pytest.mark.distributed
@@ -277,7 +200,7 @@ def test_killed_dask_worker_loses_only_its_tasks_and_a_rerun_completes(tiny_tabl
     row per (pair, method); the pairs it held are ``crashed:`` (this cluster allows no retry; by default Dask
     runs them again on another worker), the others kept, and the same command run again redoes those rows."""
     out = tmp_path / "dask"
-    cmd = _command(tiny_table, out, cluster.address, "identity,dask-sleepy")
+    cmd = _command(tiny_table, out, cluster.address, "identity,fault-sleepy", "--set", "fault-sleepy.seconds=1.5")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + RUN_S
@@ -299,7 +222,7 @@ def test_killed_dask_worker_loses_only_its_tasks_and_a_rerun_completes(tiny_tabl
     assert proc.returncode == 0, err
     rows = _rows(out)
     keys = [(r["pair_id"], r["method"]) for r in rows]
-    assert sorted(keys) == sorted((p, m) for p in "012" for m in ("identity", "dask-sleepy"))
+    assert sorted(keys) == sorted((p, m) for p in "012" for m in ("identity", "fault-sleepy"))
     lost = [r for r in rows if r["status"] != "ok"]
     assert lost and all(r["error"].startswith("crashed: the Dask task of this pair was lost") for r in lost), lost
     assert 1 <= len({r["pair_id"] for r in lost}) <= held and "\n" not in lost[0]["error"]

@@ -21,41 +21,6 @@ from bench.report import export_anhir
 from bench.runner import RunConfig, run
 from bench.store import ResultStore, warped_path
 
-HOSTILE_METHODS = '''
-import os
-import sys
-import time
-
-from bench import Method, register
-
-
-@register
-class Exit0(Method):
-    name = "exit0"
-    description = "calls sys.exit(0) in estimate"
-
-    def estimate(self, fixed, moving, context):
-        sys.exit(0)
-
-
-@register
-class OsExit(Method):
-    name = "osexit"
-    description = "ends its process with os._exit(3) in estimate"
-
-    def estimate(self, fixed, moving, context):
-        os._exit(3)
-
-
-@register
-class Sleeper(Method):
-    name = "sleeper"
-    description = "never returns"
-
-    def estimate(self, fixed, moving, context):
-        time.sleep(10_000)
-'''
-
 
 def _bench(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "bench", *args], cwd=cwd, capture_output=True, text=True,
@@ -124,11 +89,10 @@ def test_a_plugin_that_exits_at_import_is_one_error_line(tmp_path, tiny_table):
 # ---------------------------------------------------------------- check: every check ran and passed, or non-zero
 
 
-@pytest.mark.parametrize(("method", "said"), [("exit0", "crashed: called sys.exit(0)"),
-                                              ("osexit", "crashed: its process exited with code 3")])
-def test_check_of_a_method_that_ends_its_process_fails_every_call_check(tmp_path, method, said):
-    (tmp_path / "hostile.py").write_text(HOSTILE_METHODS)
-    proc = _bench("check", method, "--plugin", "hostile.py", cwd=tmp_path)
+@pytest.mark.parametrize(("method", "said"), [("fault-exit", "crashed: called sys.exit(3)"),
+                                              ("fault-os-exit", "crashed: its process exited with code 4")])
+def test_check_of_a_method_that_ends_its_process_fails_every_call_check(tmp_path, faulty, method, said):
+    proc = _bench("check", method, "--plugin", faulty[0], cwd=tmp_path)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[-1].startswith("8 checks: 1 passed, 0 known limit(s), 7 failed"), proc.stdout
@@ -136,10 +100,9 @@ def test_check_of_a_method_that_ends_its_process_fails_every_call_check(tmp_path
     assert "Traceback" not in proc.stdout + proc.stderr
 
 
-def test_check_of_a_method_that_hangs_is_bounded(tmp_path):
-    (tmp_path / "hostile.py").write_text(HOSTILE_METHODS)
+def test_check_of_a_method_that_hangs_is_bounded(tmp_path, faulty):
     t0 = time.monotonic()
-    proc = _bench("check", "sleeper", "--plugin", "hostile.py", "--timeout", "2", cwd=tmp_path, timeout=240)
+    proc = _bench("check", "fault-hang", "--plugin", faulty[0], "--timeout", "2", cwd=tmp_path, timeout=240)
     assert proc.returncode == 1
     assert sum("timeout: did not finish within 2 s" in line for line in proc.stdout.splitlines()) == 7
     assert time.monotonic() - t0 < 200  # 7 checks of 2 s, plus the starts of their processes
