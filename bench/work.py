@@ -269,10 +269,13 @@ def _estimate_oriented(method: Method, prepared: PreparedPair,
 
     Without ``prepared.alternative``: the one call, ``(estimate, prepared, None)``. With it: the method runs on
     the primary state, then on the alternative, and each answer is scored by the landmark-free
-    :func:`bench.quality.alignment_quality` on its own state's images; the higher quality wins (a tie keeps the
-    primary). An answer with a defective matrix scores below any usable one; a ``RegistrationFailed`` on one
-    state leaves the other; when both fail, the primary's exception is raised. Everything here runs inside the
-    harness's timed call, so a close call's time is both calls and both quality checks.
+    :func:`bench.quality.alignment_quality` on its own state's images. The alternative wins when its quality is
+    higher than the primary's and not "likely failed" (at least :data:`bench.quality.LIKELY_FAILED_BELOW`):
+    two answers that both look failed (e.g. the rigid stage alone on a pair it leaves misaligned) say nothing
+    about the mirror, and the flip test's own call stands. An answer with a defective matrix scores below any
+    usable one; a ``RegistrationFailed`` on one state leaves the other; when both fail, the primary's exception
+    is raised. Everything here runs inside the harness's timed call, so a close call's time is both calls and
+    both quality checks.
 
     Returns
     -------
@@ -307,9 +310,10 @@ def _estimate_oriented(method: Method, prepared: PreparedPair,
     if not answers:
         raise errors[0]
     best = answers[0]
-    for answer in answers[1:]:
-        if answer[0] > best[0]:
-            best = answer
+    if len(answers) == 2:
+        (q0, *_), (q1, *_) = answers
+        if q1 > q0 and (q1 >= quality.LIKELY_FAILED_BELOW or q0 == -math.inf):
+            best = answers[1]
     diag["chosen"] = _orientation_name(best[1])
     return best[2], best[1], diag
 # ---- end of close flip calls ---------------------------------------------------------------------------------

@@ -175,6 +175,24 @@ def test_estimate_oriented_failures_and_time(tmp_path):
     assert work._estimate_oriented(fake, single, None)[1:] == (single, None) and len(fake.calls) == 1
 
 
+@pytest.mark.parametrize("q_primary, q_alternative, chosen", [
+    (0.7, 0.9, "mirrored"),  # both look failed: the flip test's call stands
+    (0.7, 1.1, "as scanned"),  # the alternative looks aligned and better
+    (2.0, 1.5, "mirrored"),  # the primary is better
+    (2.0, 2.0, "mirrored"),  # a tie keeps the primary
+])
+def test_alternative_wins_only_when_better_and_not_likely_failed(tmp_path, monkeypatch, q_primary, q_alternative,
+                                                                 chosen):
+    s, t, *_ = _generated(tmp_path, 5, "lr")
+    p = prepare_pair(s, t, CLOSE)  # primary: mirrored
+    fake = _Fake()
+    fake.states = (p, p.alternative)
+    monkeypatch.setattr(work.quality, "alignment_quality",
+                        lambda fixed, moving, m: q_primary if moving is p.moving else q_alternative)
+    _, _, diag = work._estimate_oriented(fake, p, None)
+    assert diag["chosen"] == chosen and diag["quality_mirrored"] == q_primary
+
+
 def test_harness_time_covers_both_calls(tmp_path, monkeypatch):
     from bench.methods.preprocessed import Preprocessed
 
