@@ -282,7 +282,7 @@ def _estimate_oriented(method: Method, prepared: PreparedPair,
     (the winning estimate, the winning state's PreparedPair (its ``to_original`` converts the matrix), and
     the row's ``orientation`` diagnostics: ``close_call``, ``chosen`` and ``primary`` ("as scanned" or
     "mirrored"), ``quality_as_scanned`` / ``quality_mirrored`` (None when that state failed), ``failed`` (state ->
-    reason, when one failed) and ``time_s`` per state)
+    reason, when one failed) and each state's call time, ``time_as_scanned_s`` / ``time_mirrored_s``)
     """
     if prepared.alternative is None:
         return method.estimate(prepared.fixed, prepared.moving, ctx), prepared, None
