@@ -5,7 +5,8 @@ and the ``full`` flag. A changed file, parameter or stage version therefore miss
 entries are never read, only left behind until ``clear()``.
 
 Each entry is two files under ``<folder>/<key[:2]>/``: ``<key>.npz`` (the colour images, masks and the
-pre-transform) and ``<key>.json`` (scales, shapes, diagnostics and what the key was made of), each
+pre-transform; on a close flip call also the other mirror state's moving view and pre-transform, ``alt_*``,
+restored as :attr:`bench.preprocess.PreparedPair.alternative`) and ``<key>.json`` (scales, shapes, diagnostics and what the key was made of), each
 written to a temporary file and renamed into place (atomic on one file system), the json last: an entry
 without its json is invisible. The float images are not stored: they are recomputed from the stored
 colour images and masks by the same code that made them (:func:`bench.preprocess.view_from`), which
@@ -186,7 +187,11 @@ def _json_default(value: Any) -> Any:
 
 def _pack(p: PreparedPair) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     arrays = {"source_pre": np.asarray(p.source_pre, np.float64)}
-    for role, view in (("fixed", p.fixed), ("moving", p.moving)):
+    views = [("fixed", p.fixed), ("moving", p.moving)]
+    if p.alternative is not None:  # the other mirror state: its moving view and pre-transform (same fixed)
+        arrays["alt_source_pre"] = np.asarray(p.alternative.source_pre, np.float64)
+        views.append(("alt_moving", p.alternative.moving))
+    for role, view in views:
         arrays[f"{role}_rgb"] = view.rgb
         arrays[f"{role}_mask"] = np.packbits(view.mask, axis=None)
         if view.valid is not None:
@@ -198,27 +203,40 @@ def _pack(p: PreparedPair) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         "target_shape": list(p.target_shape),
         "diagnostics": p.diagnostics,
     }
+    if p.alternative is not None:
+        meta["alternative_diagnostics"] = p.alternative.diagnostics
     return arrays, meta
 
 
 def _unpack(meta: dict[str, Any], arrays: dict[str, np.ndarray], params: PreprocessParams) -> PreparedPair:
     diag = dict(meta["diagnostics"])
     views = {}
-    for role in ("fixed", "moving"):
+    roles = ["fixed", "moving"] + (["alt_moving"] if "alt_source_pre" in arrays else [])
+    for role in roles:
         rgb = arrays[f"{role}_rgb"]
         h, w = rgb.shape[:2]
         mask = np.unpackbits(arrays[f"{role}_mask"], count=h * w).reshape(h, w).view(bool)
         valid = arrays.get(f"{role}_valid")
         if valid is not None:
             valid = np.unpackbits(valid, count=h * w).reshape(h, w).view(bool)
-        views[role] = view_from(rgb, mask, diag.get(f"glass_level_{role}", 0.0), params, valid)
+        glass = diag.get(f"glass_level_{role.removeprefix('alt_')}", 0.0)
+        views[role] = view_from(rgb, mask, glass, params, valid)
+    common = {
+        "source_scale": tuple(meta["source_scale"]),
+        "target_scale": tuple(meta["target_scale"]),
+        "source_shape": tuple(meta["source_shape"]),
+        "target_shape": tuple(meta["target_shape"]),
+    }
+    alternative = None
+    if "alt_moving" in views:
+        alternative = PreparedPair(fixed=views["fixed"], moving=views["alt_moving"],
+                                   source_pre=arrays["alt_source_pre"],
+                                   diagnostics={**meta["alternative_diagnostics"], "cache_hit": True}, **common)
     return PreparedPair(
         fixed=views["fixed"],
         moving=views["moving"],
-        source_scale=tuple(meta["source_scale"]),
-        target_scale=tuple(meta["target_scale"]),
         source_pre=arrays["source_pre"],
-        source_shape=tuple(meta["source_shape"]),
-        target_shape=tuple(meta["target_shape"]),
         diagnostics={**diag, "cache_hit": True},
+        alternative=alternative,
+        **common,
     )

@@ -70,14 +70,6 @@ class Outcome:
     nonrigid_time_s: float | None = None  # that step's time
 
 
-def _quality(fixed: ImageView, moving: ImageView, out: Outcome) -> float:
-    """The landmark-free quality of an outcome, a nonrigid one on the moving image it shows."""
-    if out.deformation is None:
-        return quality.alignment_quality(fixed, moving, out.matrix)
-    shown = imaging.deform_view(moving, out.matrix, out.deformation, fixed.shape)
-    return quality.alignment_quality(fixed, shown, np.eye(3))
-
-
 def _member_context(method: Method, ctx: Context) -> Context:
     return dataclasses.replace(ctx, device=method.device_for(ctx.device))
 
@@ -164,7 +156,7 @@ class _Runner:
             records.append(out.record)
             if out.matrix is None:
                 continue
-            q = timed(lambda o=out: _quality(fixed, moving, o))
+            q = timed(lambda o=out: quality.answer_quality(fixed, moving, o.matrix, o.deformation))
             out.quality = float(q.value)
             out.record.update(quality=round(out.quality, 4), quality_time_s=q.wall_s,
                               accepted=out.quality >= self.accept)

@@ -265,6 +265,15 @@ def alignment_quality(fixed: Any, moving: Any, matrix: np.ndarray) -> float:
 LIKELY_FAILED_BELOW = 1.0  # quality below this: "likely failed" (chosen on generated pairs, docs/quality.md)
 
 
+
+def answer_quality(fixed: Any, moving: Any, matrix: np.ndarray, deformation: Any = None) -> float:
+    """:func:`alignment_quality` of a method's answer: ``matrix`` (moving -> fixed working pixels) and, for a
+    nonrigid answer, its :class:`bench.deformation.Deformation`, judged on the moving image it shows."""
+    if deformation is None:
+        return alignment_quality(fixed, moving, matrix)
+    shown = imaging.deform_view(moving, matrix, deformation, fixed.shape)
+    return alignment_quality(fixed, shown, np.eye(3))
+
 def roc_curve(scores, positive) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """ROC curve of ``scores`` (higher = more likely positive) against boolean labels ``positive``.
 

@@ -81,7 +81,8 @@ PREPARED_MAX_BYTES = 200 * 2**20
 
 
 def _nbytes(prepared: PreparedPair) -> int:
-    arrays = (getattr(v, f.name) for v in (prepared.fixed, prepared.moving) for f in dataclasses.fields(v))
+    views = (prepared.fixed, prepared.moving) + ((prepared.alternative.moving,) if prepared.alternative else ())
+    arrays = (getattr(v, f.name) for v in views for f in dataclasses.fields(v))
     return sum(a.nbytes for a in arrays if isinstance(a, np.ndarray))
 
 
@@ -260,6 +261,67 @@ def _warm_up(method: Method, prepared: PreparedPair, ctx: Context) -> None:
         pass
 
 
+# ---- close flip calls: both mirror states (issue 20) ---------------------------------------------------------
+def _orientation_name(prepared: PreparedPair) -> str:
+    return "mirrored" if prepared.diagnostics.get("flipped") else "as scanned"
+
+
+def _estimate_oriented(method: Method, prepared: PreparedPair,
+                       ctx: Context) -> tuple[Estimate, PreparedPair, dict[str, Any] | None]:
+    """``method.estimate`` on the pair, on both mirror states when the flip test was a close call.
+
+    Without ``prepared.alternative``: the one call, ``(estimate, prepared, None)``. With it: the method runs on
+    the primary state, then on the alternative, and each answer is scored by the landmark-free
+    :func:`bench.quality.alignment_quality` on its own state's images. The alternative wins when its quality is
+    higher than the primary's and not "likely failed" (at least :data:`bench.quality.LIKELY_FAILED_BELOW`):
+    two answers that both look failed (e.g. the rigid stage alone on a pair it leaves misaligned) say nothing
+    about the mirror, and the flip test's own call stands. An answer with a defective matrix scores below any
+    usable one; a ``RegistrationFailed`` on one state leaves the other; when both fail, the primary's exception
+    is raised. Everything here runs inside the harness's timed call, so a close call's time is both calls and
+    both quality checks.
+
+    Returns
+    -------
+    (the winning estimate, the winning state's PreparedPair (its ``to_original`` converts the matrix), and
+    the row's ``orientation`` diagnostics: ``close_call``, ``chosen`` and ``primary`` ("as scanned" or
+    "mirrored"), ``quality_as_scanned`` / ``quality_mirrored`` (None when that state failed), ``failed`` (state ->
+    reason, when one failed) and each state's call time, ``time_as_scanned_s`` / ``time_mirrored_s``)
+    """
+    if prepared.alternative is None:
+        return method.estimate(prepared.fixed, prepared.moving, ctx), prepared, None
+    answers: list[tuple[float, PreparedPair, Estimate]] = []
+    errors: list[RegistrationFailed] = []
+    diag: dict[str, Any] = {"close_call": True, "primary": _orientation_name(prepared), "failed": {}}
+    for p in (prepared, prepared.alternative):
+        name = _orientation_name(p)
+        t0 = time.perf_counter()
+        try:
+            est = method.estimate(p.fixed, p.moving, ctx)
+        except RegistrationFailed as exc:
+            errors.append(exc)
+            diag["failed"][name] = str(exc)
+            diag[f"quality_{name.replace(' ', '_')}"] = None
+            continue
+        finally:
+            diag[f"time_{name.replace(' ', '_')}_s"] = time.perf_counter() - t0
+        working = p.to_working(est.matrix) if est.frame == "original" else est.matrix
+        usable = not (imaging.matrix_defect(est.matrix, imaging.HARNESS_MIN_DET)
+                      or imaging.matrix_defect(working, imaging.HARNESS_MIN_DET))
+        q = float(quality.answer_quality(p.fixed, p.moving, working, est.deformation)) if usable else -math.inf
+        diag[f"quality_{name.replace(' ', '_')}"] = q if usable else None
+        answers.append((q, p, est))
+    if not answers:
+        raise errors[0]
+    best = answers[0]
+    if len(answers) == 2:
+        (q0, *_), (q1, *_) = answers
+        if q1 > q0 and (q1 >= quality.LIKELY_FAILED_BELOW or q0 == -math.inf):
+            best = answers[1]
+    diag["chosen"] = _orientation_name(best[1])
+    return best[2], best[1], diag
+# ---- end of close flip calls ---------------------------------------------------------------------------------
+
+
 def _run_method(
     task: PairTask,
     spec: MethodSpec,
@@ -280,8 +342,11 @@ def _run_method(
     # sent before each call: the supervisor builds the row from it if the call never returns
     announce = {"method": spec.name, "limit": task.timeout_s, "device": device, "fallback": fallback}
 
-    def call():
-        return method.estimate(prepared.fixed, prepared.moving, ctx)
+    chosen: dict[str, Any] = {}
+
+    def call():  # a close flip call: the method runs on both mirror states (_estimate_oriented)
+        estimate, chosen["prepared"], chosen["orientation"] = _estimate_oriented(method, prepared, ctx)
+        return estimate
 
     key = (spec, task.device)
     status, error, diagnostics = Status.OK.value, "", {}
@@ -298,6 +363,7 @@ def _run_method(
         emit("call", {**announce, "phase": phase})
         out = timed(call, device=device, limit_s=task.timeout_s)
         estimate, wall, cpu = out.value, out.wall_s, out.cpu_s
+        prepared = chosen["prepared"]  # the winning mirror state's preparation (the primary one but on close calls)
         if estimate.frame == "original":
             matrix, working = estimate.matrix, prepared.to_working(estimate.matrix)
         else:
@@ -312,13 +378,11 @@ def _run_method(
             diagnostics = {}
         if problem:
             raise _BadAnswer(problem)
+        if chosen["orientation"] is not None:
+            diagnostics["orientation"] = chosen["orientation"]
         if estimate.deformation is not None:
             nonrigid = _nonrigid(task, prepared, estimate, src_lnd, tgt_lnd, wall)
-            row_quality = quality.alignment_quality(
-                prepared.fixed, imaging.deform_view(prepared.moving, working, estimate.deformation,
-                                                    prepared.fixed.shape), np.eye(3))
-        else:
-            row_quality = quality.alignment_quality(prepared.fixed, prepared.moving, working)
+        row_quality = quality.answer_quality(prepared.fixed, prepared.moving, working, estimate.deformation)
     except CallTimeout as exc:
         status, error = Status.TIMEOUT.value, ("first (warm-up) " if phase == "warm-up" else "") + str(exc)
     except _BadAnswer as exc:

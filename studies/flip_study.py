@@ -15,11 +15,21 @@ Sets (``N`` base pairs each, generator ``bench.datasets.synthetic``, stains diff
   any rotation, scale 0.85-1.2, shear <= 0.08, gamma 0.8-1.25, on a canvas of its border colour;
 * ``fov/mirrored``: the same, the source mirrored before it is moved.
 
-usage (the documented sets: A = ``make OUT 32 31``, B = ``make OUT 48 32``)::
+``make ... --gray`` writes both images of every pair as grayscale (3 equal channels: a scanner or stain
+without colour, like the 512 px grayscale scans of issue 20); ``--size S`` the generator's image size.
 
-    python studies/flip_study.py make OUT [N=32] [SEED=31]      # write the four tables
+usage (the documented sets: A = ``make OUT 32 31``, B = ``make OUT 48 32``; issue 20's close-call sets:
+C = ``make OUT 24 41 --size 512``, C gray = ``make OUT 24 41 --size 512 --gray``)::
+
+    python studies/flip_study.py make OUT [N=32] [SEED=31] [--gray] [--size 800]   # write the four tables
     python studies/flip_study.py measure OUT/{whole,fov}/{plain,mirrored}/dataset.csv > rows.jsonl
     python studies/flip_study.py analyse rows.jsonl            # separations, decision rules, outcomes
+    python studies/flip_study.py outcome RUN [RUN ...]          # the harness's choice, from run folders
+
+``outcome`` reads ``bench run`` folders made on (some of) these sets (any methods; a pair is mirrored when its
+source image lies in a ``mirrored`` folder) and counts, per method, the unmirrored pairs lost to a flip (the stage's primary
+state mirrored and the row's chosen state too: the row's ``orientation`` diagnostics, else the primary) and
+the mirrored pairs found (chosen state mirrored), and how many rows were close calls.
 
 ``measure`` prints one JSON line per pair: for each mirror state (``flipped``, ``unflipped``) its NCC,
 angle, the stage's rTRE if that state were chosen and the texture MI at four (size, sigma) settings, plus
@@ -61,9 +71,15 @@ def _mirror(img: np.ndarray, left_right: bool) -> tuple[np.ndarray, np.ndarray]:
     return img[::-1].copy(), np.array([[1.0, 0, 0], [0, -1, h - 1], [0, 0, 1]])
 
 
-def make_sets(out: Path, n: int, seed: int, size: int = 800) -> list[Path]:
+def _gray(img: np.ndarray) -> np.ndarray:
+    """``img`` (RGB) as grayscale in three equal channels."""
+    return cv2.cvtColor(cv2.cvtColor(img, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
+
+
+def make_sets(out: Path, n: int, seed: int, size: int = 800, gray: bool = False) -> list[Path]:
     """Write ``whole/{plain,mirrored}`` and ``fov/{plain,mirrored}`` (see the module docstring); ``size``: the
-    generator's image size (800 for the documented sets)."""
+    generator's image size (800 for the documented sets); ``gray``: both images grayscale (after the move)."""
+    look = _gray if gray else (lambda img: img)
     folders = {name: out / name for name in ("whole/plain", "whole/mirrored", "fov/plain", "fov/mirrored")}
     for f in folders.values():
         f.mkdir(parents=True, exist_ok=True)
@@ -93,7 +109,8 @@ def make_sets(out: Path, n: int, seed: int, size: int = 800) -> list[Path]:
                     moved, a = move_on_canvas(rng, s, scale_range=(0.85, 1.2))
                     moved = _gamma(moved, rng)
                     name = f"fov/{'mirrored' if mirrored else 'plain'}"
-                    rows[name].append(save_pair(folders[name], k, (moved, tgt), (geometry.apply(a @ m, ls), lt)))
+                    rows[name].append(save_pair(folders[name], k, (look(moved), look(tgt)),
+                                                (geometry.apply(a @ m, ls), lt)))
             else:
                 left_right = bool(rng.random() < 0.5)
                 state = rng.bit_generator.state
@@ -102,7 +119,7 @@ def make_sets(out: Path, n: int, seed: int, size: int = 800) -> list[Path]:
                     s, m = (_mirror(src, left_right) if mirrored else (src, np.eye(3)))
                     s = _gamma(s, rng)
                     name = f"whole/{'mirrored' if mirrored else 'plain'}"
-                    rows[name].append(save_pair(folders[name], k, (s, tgt), (geometry.apply(m, ls), lt)))
+                    rows[name].append(save_pair(folders[name], k, (look(s), look(tgt)), (geometry.apply(m, ls), lt)))
     return [write_table(folders[name], rows[name]) for name in folders]
 
 
@@ -193,15 +210,53 @@ def analyse(path: str) -> None:
                   f"decided right and aligned {sum((r['decided_flipped'] == (name == 'mirrored')) and r[right]['rtre'] <= 0.035 for r in rs)}")
 
 
+def outcome(runs: list[str]) -> None:
+    """Per method: unmirrored pairs lost to a flip, mirrored pairs found, close calls (see the docstring)."""
+    import pandas as pd
+
+    counts: dict[str, dict[str, int]] = {}
+    for run in runs:
+        df = pd.read_csv(Path(run) / "results.csv", dtype={"pair_id": str}, keep_default_na=False)
+        for _, row in df.iterrows():
+            diag = json.loads(row["diagnostics"] or "{}")
+            pre_diag = diag.get("preprocess", {})
+            if "flipped" not in pre_diag:
+                continue  # no full stage (identity) or no preprocessing at all (a failed pair)
+            mirrored = Path(row["source_image"]).parent.name == "mirrored"
+            o = diag.get("orientation")
+            chosen = (o["chosen"] == "mirrored") if o else bool(pre_diag["flipped"])
+            c = counts.setdefault(row["method"], dict.fromkeys(
+                ("unmirrored", "primary wrong", "lost to a flip", "mirrored", "primary right", "found",
+                 "close calls", "success unmirrored", "success mirrored"), 0))
+            c["close calls"] += o is not None
+            if mirrored:
+                c["mirrored"] += 1
+                c["primary right"] += bool(pre_diag["flipped"])
+                c["found"] += chosen
+                c["success mirrored"] += row["success"] == "True" or row["success"] is True
+            else:
+                c["unmirrored"] += 1
+                c["primary wrong"] += bool(pre_diag["flipped"])
+                c["lost to a flip"] += chosen
+                c["success unmirrored"] += row["success"] == "True" or row["success"] is True
+    for method, c in sorted(counts.items()):
+        print(f"{method}: " + ", ".join(f"{k} {v}" for k, v in c.items()))
+
+
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] not in ("make", "measure", "analyse"):
+    if not argv or argv[0] not in ("make", "measure", "analyse", "outcome"):
         print(__doc__)
         return 2
     if argv[0] == "make":
-        n = int(argv[2]) if len(argv) > 2 else 32
-        seed = int(argv[3]) if len(argv) > 3 else 31
-        for t in make_sets(Path(argv[1]), n, seed):
+        gray = "--gray" in argv
+        size = int(argv[argv.index("--size") + 1]) if "--size" in argv else 800
+        pos = [a for i, a in enumerate(argv) if not a.startswith("--") and (i == 0 or argv[i - 1] != "--size")]
+        n = int(pos[2]) if len(pos) > 2 else 32
+        seed = int(pos[3]) if len(pos) > 3 else 31
+        for t in make_sets(Path(pos[1]), n, seed, size=size, gray=gray):
             print(t)
+    elif argv[0] == "outcome":
+        outcome(argv[1:])
     elif argv[0] == "measure":
         measure(argv[1:], pre.PreprocessParams(flip_test=True))
     else:

@@ -288,6 +288,24 @@ def test_flip_study_writes_its_sets_and_measures_both_branches(tmp_path, capsys)
     assert flip_study.main(["analyse", str(tmp_path / "rows.jsonl")]) == 0
     out = capsys.readouterr().out
     assert out.startswith("4 pairs (2 mirrored)") and "decision rules" in out
+    # grayscale sets: three equal channels
+    gray = flip_study.make_sets(tmp_path / "gray", 1, 31, size=256, gray=True)
+    img = cv2.imread(str(load_table(gray[3])[0].source_image))
+    assert np.abs(img.astype(int) - img[..., :1]).max() <= 2  # JPEG keeps the channels (almost) equal
+    # outcome: the harness's choice read from run rows (the orientation record, else the stage's primary)
+    diag = [{"preprocess": {"flipped": True}, "orientation": {"chosen": "as scanned"}},  # saved
+            {"preprocess": {"flipped": True}},  # lost to a flip
+            {"preprocess": {"flipped": False}, "orientation": {"chosen": "mirrored"}},  # found
+            {}]  # no stage (identity): not counted
+    sources = [str(tmp_path / f"x/{s}/00_source.jpg") for s in ("plain", "plain", "mirrored", "plain")]
+    run = tmp_path / "run"
+    run.mkdir()
+    pd.DataFrame({"method": "m", "source_image": sources, "success": [True, False, True, False],
+                  "diagnostics": [json.dumps(d) for d in diag]}).to_csv(run / "results.csv", index=False)
+    assert flip_study.main(["outcome", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "m: unmirrored 2, primary wrong 2, lost to a flip 1, mirrored 1, primary right 0, found 1" in out
+    assert "close calls 2, success unmirrored 1, success mirrored 1" in out
 
 
 def test_mask_gallery_draws_every_image_once(tiny_table, tmp_path, capsys):

@@ -18,7 +18,9 @@ Steps of the full stage (see ``docs/preprocessing.md``), and the module that doe
    target's, then every angle of the full circle at once (one batch of warps by ``cv2.remap`` on stacked
    sampling maps, global NCC, each angle at its best shift by one batched FFT cross-correlation: the reduced
    images and the batched scoring are :mod:`.levels`), refined around the best coarse angles; optionally the
-   mirrored source too, the flip test deciding (:mod:`.flip`, :func:`texture_mi`);
+   mirrored source too, the flip test deciding (:mod:`.flip`, :func:`texture_mi`); on a close call the
+   other mirror state is kept as :attr:`PreparedPair.alternative` and the harness lets the methods' answers
+   decide (``bench.work``);
 5. the source (colour, mask, image) is warped by the result ``source_pre`` into the target's frame
    (:mod:`.stage`, which runs the steps: :func:`prepare_pair`).
 
@@ -32,7 +34,7 @@ from bench.preprocess.images import view_from
 from bench.preprocess.levels import shift_batch, warp_batch
 from bench.preprocess.masks import tissue_mask
 from bench.preprocess.params import STAGE_VERSION, PreprocessParams, params_dict
-from bench.preprocess.rotation import candidate_matrices, rotation_search
+from bench.preprocess.rotation import branch_matrix, candidate_matrices, rotation_search
 from bench.preprocess.stage import PreparedPair, prepare_pair
 
 __all__ = [
@@ -40,6 +42,7 @@ __all__ = [
     "ImageLoadError",
     "PreparedPair",
     "PreprocessParams",
+    "branch_matrix",
     "candidate_matrices",
     "params_dict",
     "prepare_pair",

@@ -6,8 +6,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-STAGE_VERSION = "1.2"  # 1.1: the moving view carries its field of view (ImageView.valid); 1.2: flip test
-# on by default, decided by NCC and, when the NCC is close, by the band-passed texture MI
+STAGE_VERSION = "1.3"  # 1.1: the moving view carries its field of view (ImageView.valid); 1.2: flip test
+# on by default, decided by NCC and, when the NCC is close, by the band-passed texture MI; 1.3: a close call
+# carries the other mirror state too (PreparedPair.alternative)
 
 
 @dataclass(frozen=True)

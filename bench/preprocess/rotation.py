@@ -34,6 +34,14 @@ def candidate_matrices(angle_deg, flipped, c_src, c_tgt, scale: float = 1.0) -> 
     return geometry.translation(*c_tgt) @ geometry.scaling(scale) @ lin @ geometry.translation(-c_src[0], -c_src[1])
 
 
+def branch_matrix(branch: dict[str, Any], flipped: bool, c_src, c_tgt) -> np.ndarray:
+    """The (3, 3) rigid working-frame matrix of one mirror state's best candidate as recorded in
+    ``info["branches"]`` of :func:`rotation_search` (its angle and shift; the search scale is not part of it),
+    exactly the matrix the search returns when that state wins."""
+    return geometry.translation(*branch["shift"]) @ candidate_matrices(branch["angle_deg"], flipped, c_src,
+                                                                       c_tgt)[0]
+
+
 def _local_maxima(values: np.ndarray, k: int) -> np.ndarray:
     """Indices of the ``k`` highest circular local maxima of a 1-D array (highest first)."""
     is_max = (values >= np.roll(values, 1)) & (values >= np.roll(values, -1))

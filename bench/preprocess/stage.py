@@ -14,7 +14,7 @@ from bench import geometry, imaging
 from bench.method import ImageView
 from bench.preprocess.images import inverted_glass, load_both, prime_allocator, view_from
 from bench.preprocess.params import STAGE_VERSION, PreprocessParams
-from bench.preprocess.rotation import rotation_search
+from bench.preprocess.rotation import branch_matrix, rotation_search
 
 
 @dataclass
@@ -30,6 +30,11 @@ class PreparedPair:
     source_pre : (3, 3) resampled source -> working target frame, already applied to ``moving``
     source_shape, target_shape : original ``(H, W)``
     diagnostics : JSON-serialisable facts (angle_deg, flipped, ncc_before/after, factor, timings ...)
+    alternative : when the flip test was a close call (``flip_decision == "texture"``; diagnostics
+        ``flip_close_call``), the same pair prepared with the other mirror state: its own ``moving`` and
+        ``source_pre`` (that state's best candidate of the rotation search), the same ``fixed``, scales and
+        shapes; its own ``alternative`` is None. The harness runs a method on both and keeps the answer of
+        higher landmark-free quality (``bench.work``). None otherwise, and always None for the light stage.
     """
 
     fixed: ImageView
@@ -40,6 +45,7 @@ class PreparedPair:
     source_shape: tuple[int, int] = (0, 0)
     target_shape: tuple[int, int] = (0, 0)
     diagnostics: dict[str, Any] = field(default_factory=dict)
+    alternative: PreparedPair | None = None
 
     def to_original(self, estimate: np.ndarray) -> np.ndarray:
         """(3, 3) matrix in original pixel coordinates (source -> target) for a working-frame estimate."""
@@ -152,6 +158,15 @@ def prepare_pair(
     t_rot = time.perf_counter()
     moving = _warp_moving(src.rgb, a.view.mask, pre, tgt.rgb.shape[:2], a.info["glass"], params)
     fixed = b.view
+    alternative = None
+    if rot["flip_decision"] == "texture":  # a close call: the other mirror state is carried forward too
+        other = "unflipped" if rot["flipped"] else "flipped"
+        branch = rot["branches"][other]
+        alt_pre = branch_matrix(branch, not rot["flipped"], c_src, c_tgt)
+        alt_moving = _warp_moving(src.rgb, a.view.mask, alt_pre, tgt.rgb.shape[:2], a.info["glass"], params)
+        alternative = (alt_pre, alt_moving, {"flipped": not rot["flipped"], "angle_deg": branch["angle_deg"],
+                                             "shift": branch["shift"], "search_scale": branch["search_scale"],
+                                             "ncc_after": branch["ncc"]})
     t_end = time.perf_counter()
     infos = [a.info, b.info]
     diag.update(
@@ -168,4 +183,10 @@ def prepare_pair(
         warp_s=t_end - t_rot,
         time_s=t_end - t0,
     )
-    return PreparedPair(fixed=fixed, moving=moving, source_pre=pre, diagnostics=diag, **common)
+    if alternative is None:
+        return PreparedPair(fixed=fixed, moving=moving, source_pre=pre, diagnostics=diag, **common)
+    alt_pre, alt_moving, alt_facts = alternative
+    diag["flip_close_call"] = True
+    alt = PreparedPair(fixed=fixed, moving=alt_moving, source_pre=alt_pre,
+                       diagnostics={**diag, **alt_facts, "orientation": "alternative"}, **common)
+    return PreparedPair(fixed=fixed, moving=moving, source_pre=pre, diagnostics=diag, alternative=alt, **common)
