@@ -9,6 +9,7 @@ row differs, 0 when every row is the same.
 
     python studies/same_rows.py --set sample                 # run, compare
     python studies/same_rows.py --set anhir-mini --run DIR   # compare an existing run folder instead
+    python studies/same_rows.py --set sample --methods identity,sift   # only these methods (run and compare)
     python studies/same_rows.py --set anhir-mini --update    # store a new reference (after a wanted change)
 """
 
@@ -46,9 +47,12 @@ def run_set(name: str, out: Path, methods: str, workers: int) -> Path:
     return out
 
 
-def rows(run: Path) -> pd.DataFrame:
-    """The compared columns of a run folder's results.csv, one row per (pair, method)."""
-    df = pd.read_csv(run / "results.csv", dtype={"pair_id": str}, keep_default_na=False)
+def rows(run: Path, methods: str = "all", file: str = "results.csv") -> pd.DataFrame:
+    """The compared columns of a run folder's results.csv (or another ``file`` there, e.g. a reference), one row
+    per (pair, method); only ``methods`` (a comma-separated list) unless ``all``."""
+    df = pd.read_csv(run / file, dtype={"pair_id": str}, keep_default_na=False)
+    if methods != "all":
+        df = df[df["method"].isin([m.strip() for m in methods.split(",")])]
     return df[KEEP].sort_values(["method", "pair_id"]).reset_index(drop=True)
 
 
@@ -81,13 +85,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         run = args.run or run_set(args.set, Path(tmp) / args.set, args.methods, args.workers)
-        new = rows(run)
+        new = rows(run, args.methods)
         if args.update:
             reference_path(args.set).parent.mkdir(parents=True, exist_ok=True)
             new.to_csv(reference_path(args.set), index=False)
             print(f"stored {len(new)} rows as {reference_path(args.set)}")
             return 0
-    ref = pd.read_csv(reference_path(args.set), dtype={"pair_id": str}, keep_default_na=False)
+    ref = rows(reference_path(args.set).parent, args.methods, reference_path(args.set).name)
     diff = differences(ref, new)
     for line in diff:
         print(line)
