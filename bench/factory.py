@@ -35,8 +35,8 @@ class Selection:
 
 
 def select(spec: str) -> Selection:
-    """Resolve ``all`` or a comma-separated list of names (each a method or an expression); names that resolve
-    to one method (``a|b`` and ``(a | b)``: one canonical name) are chosen once.
+    """Resolve a comma-separated list of names (each a method, an expression, or ``all``); names that resolve to
+    one method (``a|b`` and ``(a | b)``: one canonical name) are chosen once.
 
     ``all`` takes every available registered *initial* (affine) method and lists the unavailable ones with their
     reasons (nonrigid stages follow an initial method: name them, or use :func:`then`); a named method that is
@@ -44,24 +44,23 @@ def select(spec: str) -> Selection:
     """
     registry.discover()
     skipped: dict[str, str] = {}
-    if spec.strip() == "all":
-        chosen = []
-        for n in registry.names():
-            cls = registry.get(n)
-            if cls.kind != "affine":  # nonrigid stages follow an initial method: by name, or run --then NAME
-                continue
-            reason = cls.unavailable_reason()
-            if reason:
-                skipped[n] = reason
-            else:
-                chosen.append(cls)
-        skipped.update({m: f"failed to import: {err}" for m, err in registry.broken_modules().items()})
-        return Selection(chosen, skipped)
     wanted = [s.strip() for s in spec.split(",") if s.strip()]
     if not wanted:
         raise registry.UnknownMethodError("no method named: use --methods all or a comma-separated list")
     chosen: dict[str, type[Method]] = {}  # canonical name -> class: equivalent spellings are one method
     for n in wanted:
+        if n == "all":  # every available affine method, in name order (the others listed with the reason)
+            for name in registry.names():
+                cls = registry.get(name)
+                if cls.kind != "affine":  # nonrigid stages follow an initial method: by name, or --then NAME
+                    continue
+                reason = cls.unavailable_reason()
+                if reason:
+                    skipped[name] = reason
+                else:
+                    chosen.setdefault(cls.name, cls)
+            skipped.update({m: f"failed to import: {err}" for m, err in registry.broken_modules().items()})
+            continue
         cls = resolve(n)
         reason = cls.unavailable_reason()
         if reason:

@@ -256,3 +256,9 @@ def test_replace_is_limited_to_imported_methods(tiny_table, tmp_path):
     assert import_anhir(out, "outside", table).counts == {"ok": 3}
     again = import_anhir(out, "outside", table, replace=True)  # an imported method is replaced
     assert again.replaced == 3
+
+
+def test_all_combines_with_named_methods_once():
+    chosen = [c.name for c in factory.select("all,learned>affine-io,sift").chosen]
+    assert chosen[-1] == "learned>affine-io" and chosen.count("sift") == 1
+    assert all(factory.resolve(n).kind == "affine" for n in chosen)
