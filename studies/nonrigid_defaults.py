@@ -1,18 +1,28 @@
 """Choose the nonrigid methods' defaults on generated pairs with a known nonrigid deformation.
 
-Each case: a generated two-stain pair (``bench.datasets.synthetic.generate_pair``, no elastic part, no holes),
-the source warped onto the target by its exact affine (the start a perfect affine method would give), then
+Each case: a generated two-stain pair (``bench.datasets.synthetic.generate_pair``, no elastic part, no holes;
+the tissues taken in turn from ``TISSUES``, two different stains drawn per pair; by default the source's fine
+structure comes from another section, ``Variation(texture_swap_sigma=...)``, as in consecutive real cuts), the
+source warped onto the target by its exact affine (the start a perfect affine method would give), then
 deformed by a known smooth random field (``bench.deformation.random_smooth_field``). The method gets the
 fixed (target) and moving (deformed source) views in that frame; its answer moves the source landmarks into
 the target frame (``bench.deformation.warp_points``, ANHIR's direction) and the error is measured against the
-target landmarks, in working pixels, before (the exact affine alone) and after. A second set of cases has no
-deformation at all (``amplitude 0``): a good start must not get worse.
+target landmarks, in working pixels, before (the exact affine alone) and after.
+
+Sets: one per ``--field AMPLITUDE:SIGMA`` (largest displacement and smoothing sigma, working px at the
+1024 px working size; default 8:60, 16:100, 24:150), and one not deformed at all (a good start must not get
+worse). Each set has its own seeds. Per setting and set: median error before / after over the pairs, the
+worst pair after, pairs worse than their start (> +0.1 px), failures, median time per pair.
 
 Public functions only. One CPU thread (``torch.set_num_threads(1)``, SimpleITK single-threaded by the methods).
 
     python studies/nonrigid_defaults.py --quick          # a few seconds, tiny inputs
     python studies/nonrigid_defaults.py                  # the table of docs/nonrigid.md
     python studies/nonrigid_defaults.py --method deformable --set size=256 --set regularisation=1
+    python studies/nonrigid_defaults.py --method deformable --try size=512 --try "size=768;regularisation=10"
+
+``--try`` (repeatable, ``;``-separated ``PARAM=VALUE``) runs several settings on the same cases in one
+process, so their times are comparable on a shared machine.
 """
 
 from __future__ import annotations
@@ -22,7 +32,7 @@ import time
 
 import cv2
 import numpy as np
-from bench.datasets.synthetic import GeneratorConfig, generate_pair
+from bench.datasets.synthetic import TISSUES, GeneratorConfig, Variation, generate_pair
 
 from bench import Context, ImageView, registry
 from bench.deformation import check, random_smooth_field, warp_image, warp_points
@@ -37,12 +47,14 @@ def _view(rgb: np.ndarray, mask: np.ndarray) -> ImageView:
     return ImageView(image.astype(np.float32), mask.astype(bool))
 
 
-def make_case(seed: int, size: int, amplitude: float, scale: float):
+def make_case(seed: int, size: int, amplitude: float, scale: float, *, tissue: str | None = None,
+              swap: float = 0.0):
     """``(fixed, moving, moving_points, fixed_points)``: views in the fixed frame, the moving view deformed by
-    a known field; ``moving_points`` are where the fixed landmarks ``fixed_points`` are in the moving view."""
+    a known field; ``moving_points`` are where the fixed landmarks ``fixed_points`` are in the moving view.
+    ``tissue``: one of ``TISSUES`` (drawn when None); ``swap``: the generator's ``texture_swap_sigma``."""
     cfg = GeneratorConfig(size=size, n_landmarks=40, max_rotation_deg=30, elastic_px=0.0,
                           hole_probability=0.0, dust_probability=0.0)
-    pair = generate_pair(seed, config=cfg)
+    pair = generate_pair(seed, tissue=tissue, config=cfg, variation=Variation(texture_swap_sigma=swap))
     h, w = pair.target_rgb.shape[:2]
     m = pair.true_matrix[:2]
     fill = tuple(int(v) for v in np.median(pair.source_rgb[~pair.source_mask], axis=0))
@@ -86,8 +98,21 @@ def evaluate(name: str, params: dict, cases: list, threads: int = 1) -> dict:
         a = np.median(np.linalg.norm(got - fp, axis=1))
         before.append(b), after.append(a)
         worse += a > b + 0.1
-    return {"before": float(np.median(before)), "after": float(np.median(after)), "time": float(np.median(times)),
-            "worse": worse, "failed": failed, "n": len(cases)}
+    return {"before": float(np.median(before)), "after": float(np.median(after)), "worst": float(np.max(after)),
+            "time": float(np.median(times)), "worse": worse, "failed": failed, "n": len(cases)}
+
+
+def make_sets(pairs: int, size: int, fields: list[tuple[float, float]], swap: float) -> dict[str, list]:
+    """The generated sets: one per ``(amplitude, sigma)`` (at a ``size`` px working size; both scaled with
+    ``size / 1024``), then the not deformed control; pair ``k`` of a set has the tissue ``TISSUES[k % 4]`` and
+    a seed of its own set."""
+    f = size / 1024.0
+    sets = {}
+    for j, (amp, sig) in enumerate([*fields, (0.0, 60.0)]):
+        label = f"{amp * f:g} px, sigma {sig * f:g}" if amp > 0 else "not deformed"
+        sets[label] = [make_case(100 * j + k, size, amp * f, sig * f, tissue=TISSUES[k % len(TISSUES)], swap=swap)
+                       for k in range(pairs)]
+    return sets
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -95,15 +120,21 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--quick", action="store_true", help="tiny inputs, a few seconds")
     ap.add_argument("--method", action="append", help="method(s) to run (default: all nonrigid and affine-io)")
     ap.add_argument("--set", action="append", default=[], help="PARAM=VALUE for the method(s)")
-    ap.add_argument("--pairs", type=int, default=4)
+    ap.add_argument("--try", dest="tries", action="append", default=[],
+                    help="a setting to compare, 'P=V;P=V' on top of --set (repeatable; default: --set alone)")
+    ap.add_argument("--pairs", type=int, default=3, help="pairs per set")
     ap.add_argument("--size", type=int, default=1024, help="longer side of the generated target (working size)")
-    ap.add_argument("--amplitude", type=float, default=8.0, help="largest displacement, working px")
-    ap.add_argument("--scale", type=float, default=60.0, help="field smoothing sigma, working px")
+    ap.add_argument("--field", action="append", default=[],
+                    help="AMPLITUDE:SIGMA of a deformed set, working px at 1024 px (default 8:60, 16:100, 24:150)")
+    ap.add_argument("--swap", type=float, default=4.0,
+                    help="texture_swap_sigma of the generator (0: same fine structure in both sections)")
     args = ap.parse_args(argv)
+    fields = [tuple(float(v) for v in f.split(":")) for f in args.field] or [(8, 60), (16, 100), (24, 150)]
     if args.quick:
-        args.pairs, args.size, args.amplitude, args.scale = 1, 160, 3.0, 15.0
+        args.pairs, args.size, fields = 1, 160, [(19.2, 96.0)]  # 3 px, sigma 15 px at 160 px
     names = args.method or ["deformable", "demons", "bspline"]
     params = dict(kv.split("=", 1) for kv in args.set)
+    tries = [dict(kv.split("=", 1) for kv in t.split(";") if kv) for t in args.tries] or [{}]
     if args.quick:
         quick = {"deformable": {"size": 128, "levels": 2, "iterations": "20,20"},
                  "demons": {"size": 128, "levels": 2, "iterations": "10,10"},
@@ -111,21 +142,20 @@ def main(argv: list[str] | None = None) -> None:
                  "affine-io": {"size": 128, "levels": 2, "iterations": "20,20"}}
     else:
         quick = {}
-    sets = {f"deformed {args.amplitude:g} px": [make_case(s, args.size, args.amplitude, args.scale)
-                                                 for s in range(args.pairs)],
-            "not deformed": [make_case(s, args.size, 0.0, args.scale) for s in range(args.pairs)]}
-    print(f"{args.pairs} generated pairs per set, target {args.size} px, field amplitude {args.amplitude:g} px, "
-          f"sigma {args.scale:g} px; one CPU thread\n")
-    print("| method | params | cases | median error before [px] | median error after [px] | worse | failed | "
-          "median time [s] |")
-    print("|---|---|---|---|---|---|---|---|")
+    sets = make_sets(args.pairs, args.size, fields, args.swap)
+    print(f"{args.pairs} generated pairs per set, target {args.size} px, texture swap sigma {args.swap:g}; "
+          f"one CPU thread\n")
+    print("| method | params | cases | median error before [px] | median error after [px] | worst after [px] | "
+          "worse | failed | median time [s] |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name in names:
-        p = {**quick.get(name, {}), **params}
-        for label, cases in sets.items():
-            r = evaluate(name, p, cases)
+        for extra in tries:
+            p = {**quick.get(name, {}), **params, **extra}
             ptxt = ", ".join(f"{k}={v}" for k, v in p.items()) or "defaults"
-            print(f"| {name} | {ptxt} | {label} | {r['before']:.2f} | {r['after']:.2f} | {r['worse']}/{r['n']} | "
-                  f"{r['failed']} | {r['time']:.2f} |", flush=True)
+            for label, cases in sets.items():
+                r = evaluate(name, p, cases)
+                print(f"| {name} | {ptxt} | {label} | {r['before']:.2f} | {r['after']:.2f} | {r['worst']:.2f} | "
+                      f"{r['worse']}/{r['n']} | {r['failed']} | {r['time']:.2f} |", flush=True)
 
 
 if __name__ == "__main__":
