@@ -47,6 +47,8 @@ NUMBER_COLUMNS = (
 )
 DISPLAY = {
     "start_method": "Start (initial method)",
+    "pairs": "Pairs",
+    "downstream_successes": "Downstream successes",
     "stage": "Nonrigid stage",
     "start_median_rtre": "Start: median of per-pair median rTRE",
     "final_median_rtre": "Final: median of per-pair median rTRE",
@@ -118,7 +120,8 @@ DECIMALS = {
     "median_time_ms": 2, "median_time_ref": 3, "auc": 3, "quality": 3, "rtre_median": 4,
     "success_rate_pct": 2, "robustness_mean": 3, "median_a": 4, "median_b": 4, "median_difference": 4,
     "a_better_pct": 1, "statistic": 1, "success_ci_low_pct": 2, "success_ci_high_pct": 2,
-    "median_rtre_ci_low": 4, "median_rtre_ci_high": 4,
+    "median_rtre_ci_low": 4, "median_rtre_ci_high": 4, "downstream_success_pct": 1, "converged_pct": 1,
+    "stage_time_median_s": 2, "accuracy_pct": 1, "best_accuracy_pct": 1, "threshold": 4, "best_threshold": 4,
 }
 
 
