@@ -37,6 +37,14 @@ from bench.geometry import as_3x3
 MAX_FOLDING = 0.01  # share of the field with a non-positive Jacobian determinant that check() tolerates
 
 
+# contract checks (bench.conformance) every nonrigid stage fails by design: it refines the alignment it is given
+# locally, so the checks that start from a moved image measure the start, not the stage (its own known_limits)
+LOCAL_REFINEMENT_LIMITS = {
+    "recovers_translation": "a local refinement: it starts from the given alignment and moves little",
+    "recovers_rotation": "a local refinement: it starts from the given alignment and moves little",
+    "recovers_known_transform": "a local refinement: scale and shear are left to the initial method",
+}
+
 @dataclass(frozen=True)
 class Deformation:
     """A dense displacement field ``u`` on the fixed working frame (see the module docstring).

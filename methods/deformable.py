@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from bench import Context, Estimate, ImageView, Method, RegistrationFailed, register
-from bench.deformation import Deformation, folding
+from bench.deformation import LOCAL_REFINEMENT_LIMITS, Deformation, folding
 
 
 @dataclass(frozen=True)
@@ -60,11 +60,7 @@ class Deformable(Method):
     uses_preprocessing = True
     devices = ("cpu", "cuda")
     Params = DeformableParams
-    known_limits = {  # contract checks it fails by design (bench.conformance)
-        "recovers_translation": "a local refinement: it starts from the given alignment and moves little",
-        "recovers_rotation": "a local refinement: it starts from the given alignment and moves little",
-        "recovers_known_transform": "a local refinement: scale and shear are left to the initial method",
-    }
+    known_limits = LOCAL_REFINEMENT_LIMITS  # contract checks it fails by design (bench.conformance)
 
     def estimate(self, fixed: ImageView, moving: ImageView, context: Context) -> Estimate:
         from bench.methods._instance import finest_similarity, optimise_field

@@ -29,7 +29,7 @@ import cv2
 import numpy as np
 
 from bench import Context, Estimate, ImageView, Method, RegistrationFailed, register
-from bench.deformation import folding
+from bench.deformation import LOCAL_REFINEMENT_LIMITS, folding
 
 
 @dataclass(frozen=True)
@@ -77,11 +77,7 @@ class Demons(Method):
     uses_preprocessing = True
     devices = ("cpu",)
     Params = DemonsParams
-    known_limits = {  # contract checks it fails by design (bench.conformance)
-        "recovers_translation": "a local refinement: it starts from the given alignment and moves little",
-        "recovers_rotation": "a local refinement: it starts from the given alignment and moves little",
-        "recovers_known_transform": "a local refinement: scale and shear are left to the initial method",
-    }
+    known_limits = LOCAL_REFINEMENT_LIMITS  # contract checks it fails by design (bench.conformance)
 
     def estimate(self, fixed: ImageView, moving: ImageView, context: Context) -> Estimate:
         import SimpleITK as sitk
