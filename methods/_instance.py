@@ -60,6 +60,17 @@ class Result:
     diagnostics: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
+def check_inputs(name: str, fixed: ImageView, moving: ImageView, window: int) -> None:
+    """What both engine methods refuse before any work: a bad window (ValueError: a parameter error) or an
+    empty tissue mask (RegistrationFailed: nothing to register)."""
+    from bench import RegistrationFailed
+
+    if window < 1 or window % 2 == 0:
+        raise ValueError(f"{name}: window must be odd and positive, got {window}")
+    if not fixed.mask.any() or not moving.mask.any():
+        raise RegistrationFailed("empty tissue mask: nothing to register")
+
+
 def pick_device(requested: str) -> str:
     """``cuda`` when asked for and available, else ``cpu``."""
     import torch

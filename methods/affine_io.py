@@ -24,7 +24,7 @@ from typing import Literal
 
 import numpy as np
 
-from bench import Context, Estimate, ImageView, Method, RegistrationFailed, register
+from bench import Context, Estimate, ImageView, Method, register
 
 
 @dataclass(frozen=True)
@@ -52,13 +52,10 @@ class AffineIO(Method):
     Params = AffineIOParams
 
     def estimate(self, fixed: ImageView, moving: ImageView, context: Context) -> Estimate:
-        from bench.methods._instance import finest_similarity, optimise_affine
+        from bench.methods._instance import check_inputs, finest_similarity, optimise_affine
 
         p: AffineIOParams = self.params
-        if p.window < 1 or p.window % 2 == 0:
-            raise ValueError(f"affine-io: window must be odd and positive, got {p.window}")
-        if not fixed.mask.any() or not moving.mask.any():
-            raise RegistrationFailed("empty tissue mask: nothing to register")
+        check_inputs(self.name, fixed, moving, p.window)
         t0 = time.perf_counter()
         res = optimise_affine(fixed, moving, size=p.size, levels=p.levels, iterations=p.iterations,
                               learning_rate=p.learning_rate, window=p.window, similarity=p.similarity,

@@ -63,13 +63,10 @@ class Deformable(Method):
     known_limits = LOCAL_REFINEMENT_LIMITS  # contract checks it fails by design (bench.conformance)
 
     def estimate(self, fixed: ImageView, moving: ImageView, context: Context) -> Estimate:
-        from bench.methods._instance import finest_similarity, optimise_field
+        from bench.methods._instance import check_inputs, finest_similarity, optimise_field
 
         p: DeformableParams = self.params
-        if p.window < 1 or p.window % 2 == 0:
-            raise ValueError(f"deformable: window must be odd and positive, got {p.window}")
-        if not fixed.mask.any() or not moving.mask.any():
-            raise RegistrationFailed("empty tissue mask: nothing to register")
+        check_inputs(self.name, fixed, moving, p.window)
         t0 = time.perf_counter()
         res = optimise_field(fixed, moving, size=p.size, levels=p.levels, iterations=p.iterations,
                              learning_rate=p.learning_rate, regularisation=p.regularisation, window=p.window,

@@ -66,3 +66,10 @@ def write_table(folder: Path, rows: list[list]) -> Path:
         writer.writerow(TABLE_HEADER)
         writer.writerows(rows)
     return folder / "dataset.csv"
+
+
+def require_outside_repository(ap, out: Path) -> None:
+    """Refuse (``ap.error``) an output folder inside the repository: variants of real data never land in it."""
+    repo = Path(__file__).resolve().parent.parent
+    if repo in out.resolve().parents or out.resolve() == repo:
+        ap.error("write variants outside the repository (they are derived from the real data)")

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from common import require_outside_repository
 
 from bench import geometry
 from bench.pairs import TABLE_HEADER, load_table, read_landmarks, write_landmarks
@@ -71,9 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mirror", action="store_true", help="mirror every source before moving it")
     ap.add_argument("--seed", type=int, default=2026)
     args = ap.parse_args(argv)
-    repo = Path(__file__).resolve().parent.parent
-    if repo in args.out.resolve().parents or args.out.resolve() == repo:
-        ap.error("write variants outside the repository (they are derived from the real data)")
+    require_outside_repository(ap, args.out)
     rng = np.random.default_rng(args.seed + (1000 if args.mirror else 0))
     args.out.mkdir(parents=True, exist_ok=True)
     rows, moves = [], {}

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from common import require_outside_repository
 from make_variants import move_image, random_move
 
 from bench import geometry
@@ -132,9 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jitter", action="store_true", help="stain, gamma, contrast and noise changes")
     ap.add_argument("--seed", type=int, default=2026)
     args = ap.parse_args(argv)
-    repo = Path(__file__).resolve().parent.parent
-    if repo in args.out.resolve().parents or args.out.resolve() == repo:
-        ap.error("write variants outside the repository (they are derived from the real data)")
+    require_outside_repository(ap, args.out)
     path = build(args.table, args.out, copies=args.copies, seed=args.seed, gray=args.gray,
                  longer_side=args.longer_side, appearance_jitter=args.jitter)
     print(f"-> {path}")
