@@ -48,9 +48,15 @@ Work = Callable[[PairTask, Callable[[str, dict[str, Any]], None]], Any]
 
 
 def limit_threads(n: int) -> None:
-    """Cap the threads of every numeric library in this process (one call per worker)."""
+    """Cap the threads of every numeric library in this process (one call per worker).
+
+    torch and SimpleITK are not imported for it (torch alone costs a worker about a second to import, and a run
+    of feature methods never needs it): their thread counts come from the environment set here, which they read
+    when they are first imported (``OMP_NUM_THREADS``, ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS``), and are set
+    directly when they are imported already.
+    """
     n = max(1, int(n))
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"):
         os.environ[var] = str(n)
     from threadpoolctl import threadpool_limits
 
@@ -58,18 +64,10 @@ def limit_threads(n: int) -> None:
     import cv2
 
     cv2.setNumThreads(n)
-    try:
-        import SimpleITK as sitk
-
-        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(n)
-    except ImportError:
-        pass
-    import importlib.util
-
-    if "torch" in sys.modules or importlib.util.find_spec("torch") is not None:
-        import torch
-
-        torch.set_num_threads(n)
+    if "SimpleITK" in sys.modules:
+        sys.modules["SimpleITK"].ProcessObject.SetGlobalDefaultNumberOfThreads(n)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(n)
 
 
 def die_with_parent(parent_pid: int) -> None:

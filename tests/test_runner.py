@@ -370,3 +370,17 @@ def test_a_long_run_times_the_reference_workload_at_its_end_too(tiny_table, tmp_
     run(RunConfig(out=tmp_path / "long", **common))
     long = json.loads((tmp_path / "long" / "run.json").read_text())
     assert long["reference_time_s"] > 0 and long["reference_time_end_s"] > 0
+
+
+def test_worker_thread_caps_reach_libraries_imported_later():
+    """A worker caps its libraries' threads without importing torch or SimpleITK (a second of every worker's start
+    for torch); imported later, they still take the cap (from the environment the cap sets)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom bench.supervise import limit_threads\nlimit_threads(1)\n"
+            "print('torch' in sys.modules, 'SimpleITK' in sys.modules)\n"
+            "import torch, SimpleITK as sitk\n"
+            "print(torch.get_num_threads(), sitk.ProcessObject.GetGlobalDefaultNumberOfThreads())\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout.split()
+    assert out == ["False", "False", "1", "1"]
