@@ -247,6 +247,9 @@ def _specs(config: RunConfig) -> tuple[list[MethodSpec], dict[str, str], dict[st
     chosen = {c.name for c in classes}
     overrides = dict(config.overrides)
     pre_over = overrides.pop("preprocess", {})
+    stage = factory.resolve(config.then).name if config.then else None
+    if stage and stage in overrides and stage not in chosen:  # --then S --set S.p=v: S's parameters in every M>S
+        _stage_overrides(overrides, stage, [c for c in classes if c.name.endswith(f">{stage}")])
     for owner in overrides:
         try:
             factory.resolve(owner)
@@ -264,6 +267,19 @@ def _specs(config: RunConfig) -> tuple[list[MethodSpec], dict[str, str], dict[st
         params = json.dumps(dataclasses.asdict(method.params), sort_keys=True, default=str)
         specs.append(MethodSpec(cls.name, tuple(sorted(ov.items())), str(method.version), params))
     return specs, skipped, pre_over
+
+
+def _stage_overrides(overrides: dict[str, dict[str, str]], stage: str, followed: list[type]) -> None:
+    """Move ``--set STAGE.p=v`` (with ``--then STAGE``) into the member parameter of STAGE of every ``M>STAGE``
+    (a composite's member parameters are one ``p=v;p=v`` text per member, :mod:`bench.compose`)."""
+    from bench.compose import member_field
+
+    values = overrides.pop(stage)
+    text = ";".join(f"{k}={v}" for k, v in values.items())
+    for cls in followed:
+        field = member_field(stage)
+        own = overrides.setdefault(cls.name, {})
+        own[field] = f"{own[field]};{text}" if own.get(field) else text
 
 
 def make_plan(config: RunConfig) -> Plan:

@@ -384,3 +384,15 @@ def test_worker_thread_caps_reach_libraries_imported_later():
             "print(torch.get_num_threads(), sitk.ProcessObject.GetGlobalDefaultNumberOfThreads())\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout.split()
     assert out == ["False", "False", "1", "1"]
+
+
+def test_then_stage_parameters_reach_every_follower(tiny_table, tmp_path):
+    from bench.plan import make_plan
+
+    config = RunConfig(dataset=tiny_table, methods="preprocessed,sift", then="demons", out=tmp_path / "o",
+                       overrides={"demons": {"levels": "2"}}, cache_enabled=False, device="cpu")
+    followers = {s.name: json.loads(s.params)["demons"] for s in make_plan(config).specs if ">" in s.name}
+    assert followers == {"preprocessed>demons": "levels=2", "sift>demons": "levels=2"}
+    bad = RunConfig(**{**config.__dict__, "overrides": {"demons": {"nope": "1"}}})
+    with pytest.raises(RunError, match="nope"):
+        make_plan(bad)
