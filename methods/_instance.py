@@ -44,8 +44,8 @@ from bench import ImageView, RegistrationFailed
 class Level:
     """One pyramid level: images, weights and the fixed working coordinates of its grid (torch tensors)."""
 
-    fixed: Any  # (1, 1, h, w)
-    moving: Any  # (1, 1, hm, wm)
+    fixed: Any  # (1, C, h, w) feature channels (see features)
+    moving: Any  # (1, C, hm, wm)
     weight: Any  # (1, 1, h, w) similarity weight (dilated fixed tissue)
     coords: Any  # (1, h, w, 2) fixed working (x, y) of the grid points
     spacing: tuple[float, float]  # working pixels per level pixel (x, y)
@@ -109,9 +109,34 @@ def _weights(mask: np.ndarray, shape: tuple[int, int], dilation: int) -> np.ndar
     return m.astype(np.float32)
 
 
+FEATURES = ("intensity", "gradient", "both")
+
+
+def features(image: np.ndarray, kind: str) -> np.ndarray:
+    """``(C, h, w)`` float32 channels compared by the similarity: the image (``intensity``), its gradient
+    magnitude (``gradient``: central differences, divided by its 99th percentile so both images' edges have
+    the same scale whatever their stains' contrast), or both.
+
+    >>> features(np.zeros((4, 5), np.float32), "both").shape
+    (2, 4, 5)
+    """
+    if kind not in FEATURES:
+        raise ValueError(f"features must be one of {', '.join(FEATURES)}, got {kind!r}")
+    img = np.asarray(image, np.float32)
+    out = []
+    if kind in ("intensity", "both"):
+        out.append(img)
+    if kind in ("gradient", "both"):
+        gy, gx = np.gradient(img)
+        mag = np.sqrt(gx * gx + gy * gy)
+        top = float(np.percentile(mag, 99)) if mag.size else 0.0
+        out.append(mag / top if top > 0 else mag)
+    return np.stack(out).astype(np.float32)
+
+
 def pyramid(fixed: ImageView, moving: ImageView, size: int, levels: int, window: int,
-            use_mask: bool, device: str) -> list[Level]:
-    """The levels, coarsest first, as tensors on ``device``."""
+            use_mask: bool, device: str, kind: str = "intensity") -> list[Level]:
+    """The levels, coarsest first, as tensors on ``device``; ``kind``: the :func:`features` compared."""
     import torch
 
     big_h, big_w = fixed.shape
@@ -128,12 +153,14 @@ def pyramid(fixed: ImageView, moving: ImageView, size: int, levels: int, window:
         gx, gy = np.meshgrid(xs, ys)
         coords = np.stack([gx, gy], axis=-1)[None].astype(np.float32)
         t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)  # noqa: E731
-        out.append(Level(t(fi[None, None]), t(mi[None, None]), t(wt[None, None]), t(coords), (sx, sy)))
+        out.append(Level(t(features(fi, kind)[None]), t(features(mi, kind)[None]), t(wt[None, None]), t(coords),
+                         (sx, sy)))
     return out
 
 
 def local_ncc(f: Any, m: Any, weight: Any, window: int, eps: float = 1e-5) -> Any:
-    """Weighted mean of the squared local NCC of two ``(1, 1, h, w)`` tensors (1: perfect, 0: unrelated)."""
+    """Weighted mean of the squared local NCC of two ``(1, C, h, w)`` tensors, averaged over the channels
+    (1: perfect, 0: unrelated)."""
     import torch
     import torch.nn.functional as F
 
@@ -143,22 +170,23 @@ def local_ncc(f: Any, m: Any, weight: Any, window: int, eps: float = 1e-5) -> An
     half = window // 2
     mu = F.avg_pool2d(stack, (1, window), stride=1, padding=(0, half), count_include_pad=False)
     mu = F.avg_pool2d(mu, (window, 1), stride=1, padding=(half, 0), count_include_pad=False)
-    mf, mm, ff, mmm, fm = mu.unbind(dim=1)
+    mf, mm, ff, mmm, fm = mu.chunk(5, dim=1)
     cross = fm - mf * mm
     vf = (ff - mf * mf).clamp_min(0)
     vm = (mmm - mm * mm).clamp_min(0)
-    cc = cross * cross / (vf * vm + eps)
+    cc = (cross * cross / (vf * vm + eps)).mean(dim=1)
     w = weight[:, 0]
     return (cc * w).sum() / w.sum().clamp_min(1e-12)
 
 
 def global_ncc(f: Any, m: Any, weight: Any, eps: float = 1e-8) -> Any:
-    """Weighted squared correlation coefficient of two ``(1, 1, h, w)`` tensors."""
+    """Weighted squared correlation coefficient of two ``(1, C, h, w)`` tensors, averaged over the channels."""
     w = weight / weight.sum().clamp_min(1e-12)
-    mf, mm = (f * w).sum(), (m * w).sum()
-    cross = ((f - mf) * (m - mm) * w).sum()
-    vf, vm = (((f - mf) ** 2) * w).sum(), (((m - mm) ** 2) * w).sum()
-    return cross * cross / (vf * vm + eps)
+    dims = (0, 2, 3)
+    mf, mm = (f * w).sum(dims, keepdim=True), (m * w).sum(dims, keepdim=True)
+    cross = ((f - mf) * (m - mm) * w).sum(dims)
+    vf, vm = (((f - mf) ** 2) * w).sum(dims), (((m - mm) ** 2) * w).sum(dims)
+    return (cross * cross / (vf * vm + eps)).mean()
 
 
 def _sample(level: Level, moving_points: Any, moving_shape: tuple[int, int]) -> Any:
@@ -182,6 +210,26 @@ def _similarity(kind: str, window: int) -> Any:
     return lambda f, m, w: local_ncc(f, m, w, window)
 
 
+def _gaussian(sigma: float, device: str) -> Any:
+    """A function blurring a ``(1, 2, h, w)`` field by a separable Gaussian of ``sigma`` px (the identity at 0;
+    replicated borders)."""
+    import torch
+    import torch.nn.functional as F
+
+    if sigma <= 0:
+        return lambda v: v
+    r = max(1, int(np.ceil(3 * sigma)))
+    g = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
+    k = torch.tensor(g / g.sum(), dtype=torch.float32, device=device)
+    kx, ky = k.view(1, 1, 1, -1).repeat(2, 1, 1, 1), k.view(1, 1, -1, 1).repeat(2, 1, 1, 1)
+
+    def blur(v: Any) -> Any:
+        v = F.conv2d(F.pad(v, (r, r, 0, 0), mode="replicate"), kx, groups=2)
+        return F.conv2d(F.pad(v, (0, 0, r, r), mode="replicate"), ky, groups=2)
+
+    return blur
+
+
 def _setup(seed: int, requested: str) -> str:
     import torch
 
@@ -191,8 +239,11 @@ def _setup(seed: int, requested: str) -> str:
 
 def optimise_field(fixed: ImageView, moving: ImageView, *, size: int, levels: int, iterations: tuple[int, ...],
                    learning_rate: float, regularisation: float, window: int, use_mask: bool,
-                   initial: np.ndarray | None = None, device: str = "cpu", seed: int = 0) -> Result:
-    """Optimise a displacement field (see the module docstring).
+                   initial: np.ndarray | None = None, device: str = "cpu", seed: int = 0,
+                   features: str = "intensity", smoothing: float = 0.0) -> Result:
+    """Optimise a displacement field (see the module docstring); ``features``: what the similarity compares
+    (:func:`features`); ``smoothing`` > 0: the optimised variable is passed through a Gaussian of that sigma
+    (level pixels) to give the displacement (a smooth parametrisation, as Demons smooths its field).
 
     Returns
     -------
@@ -206,10 +257,11 @@ def optimise_field(fixed: ImageView, moving: ImageView, *, size: int, levels: in
     import torch.nn.functional as F
 
     dev = _setup(seed, device)
-    pyr = pyramid(fixed, moving, size, levels, window, use_mask, dev)
+    pyr = pyramid(fixed, moving, size, levels, window, use_mask, dev, features)
     its = _per_level(iterations, len(pyr))
     m_inv = torch.tensor(np.linalg.inv(np.eye(3) if initial is None else initial), dtype=torch.float32, device=dev)
     sim = _similarity("local", window)
+    smooth = _gaussian(float(smoothing), dev)
     u = None  # (1, 2, h, w) working pixels
     records = []
     for lev, n in zip(pyr, its, strict=True):
@@ -225,6 +277,7 @@ def optimise_field(fixed: ImageView, moving: ImageView, *, size: int, levels: in
         base = _apply_inverse(m_inv, lev.coords)  # reused when u = 0
 
         def losses(vv: Any, lev=lev, spacing=spacing, h=h, w=w) -> tuple[Any, Any]:  # this level's values
+            vv = smooth(vv)
             disp = (vv * spacing).permute(0, 2, 3, 1)
             warped = _sample(lev, _apply_inverse(m_inv, lev.coords + disp), moving.shape)
             s = sim(lev.fixed, warped, lev.weight)
@@ -249,7 +302,8 @@ def optimise_field(fixed: ImageView, moving: ImageView, *, size: int, levels: in
         if not np.isfinite(loss_val if n else 0.0) or not bool(torch.isfinite(v).all()):
             raise RegistrationFailed(f"deformable field diverged at level {len(records) + 1} "
                                      f"({h}x{w} px): non-finite loss or displacement")
-        u = (v.detach() * spacing)
+        with torch.no_grad():
+            u = smooth(v.detach()) * spacing
         rec = {"shape": [int(h), int(w)], "iterations": int(n), "similarity_start": round(float(s_init), 6),
                "similarity_end": round(float(s_end), 6), "regulariser_end": round(float(reg_end), 6),
                "loss_end": round(loss_val, 6) if n else None, "seconds": round(time.perf_counter() - t0, 3)}
@@ -263,13 +317,13 @@ def optimise_field(fixed: ImageView, moving: ImageView, *, size: int, levels: in
 
 def finest_similarity(fixed: ImageView, moving: ImageView, *, size: int, window: int, use_mask: bool,
                       matrix_inv: np.ndarray | None = None, field: np.ndarray | None = None,
-                      kind: str = "local", device: str = "cpu") -> float:
+                      kind: str = "local", device: str = "cpu", features: str = "intensity") -> float:
     """The similarity at the finest level for a given fixed -> moving map (``matrix_inv``, then ``field`` on the
     finest grid, working px): what the methods compare to keep the better of start and result."""
     import torch
 
     dev = pick_device(device)
-    lev = pyramid(fixed, moving, size, 1, window, use_mask, dev)[-1]
+    lev = pyramid(fixed, moving, size, 1, window, use_mask, dev, features)[-1]
     pts = lev.coords
     if field is not None:
         pts = pts + torch.from_numpy(np.ascontiguousarray(field, np.float32))[None].to(dev)
@@ -281,8 +335,12 @@ def finest_similarity(fixed: ImageView, moving: ImageView, *, size: int, window:
 
 def optimise_affine(fixed: ImageView, moving: ImageView, *, size: int, levels: int, iterations: tuple[int, ...],
                     learning_rate: float, window: int, similarity: str, use_mask: bool,
-                    device: str = "cpu", seed: int = 0) -> Result:
+                    device: str = "cpu", seed: int = 0, optimiser: str = "adam") -> Result:
     """Optimise an affine ``x -> A (x - c) + c + t`` (fixed -> moving working pixels) by the same engine.
+
+    ``optimiser``: ``adam`` (``iterations`` steps of ``learning_rate`` per level) or ``lbfgs`` (torch's L-BFGS
+    with a strong-Wolfe line search, at most ``iterations`` similarity evaluations per level; six parameters
+    and a smooth similarity suit a quasi-Newton method, which needs far fewer evaluations than Adam).
 
     Returns
     -------
@@ -306,25 +364,41 @@ def optimise_affine(fixed: ImageView, moving: ImageView, *, size: int, levels: i
     def mapped(coords: Any, a: Any, t: Any) -> Any:
         return (coords - centre) @ (eye + a).T + centre + t * half
 
+    if optimiser not in ("adam", "lbfgs"):
+        raise ValueError(f"optimiser must be adam or lbfgs, got {optimiser!r}")
     records = []
-    opt = None
     for lev, n in zip(pyr, its, strict=True):
         t0 = time.perf_counter()
-        opt = torch.optim.Adam([lin, shift], lr=float(learning_rate))  # fresh moments per level
         with torch.no_grad():
             s_init = float(sim(lev.fixed, _sample(lev, mapped(lev.coords, lin, shift), moving.shape), lev.weight))
         loss_val = float("nan")
-        for _ in range(int(n)):
+        evaluations = 0
+
+        def closure(lev=lev) -> Any:  # this level's loss, with its gradient
+            nonlocal evaluations
+            evaluations += 1
             opt.zero_grad(set_to_none=True)
-            loss = -sim(lev.fixed, _sample(lev, mapped(lev.coords, lin, shift), moving.shape), lev.weight)
-            loss.backward()
-            opt.step()
-            loss_val = float(loss.detach())
+            value = -sim(lev.fixed, _sample(lev, mapped(lev.coords, lin, shift), moving.shape), lev.weight)
+            value.backward()
+            return value
+
+        if optimiser == "lbfgs":
+            opt = torch.optim.LBFGS([lin, shift], lr=float(learning_rate), max_iter=max(1, int(n)),
+                                    max_eval=max(1, int(n)), line_search_fn="strong_wolfe",
+                                    tolerance_grad=1e-9, tolerance_change=1e-9)
+            if n:
+                loss_val = float(opt.step(closure).detach())
+        else:
+            opt = torch.optim.Adam([lin, shift], lr=float(learning_rate))  # fresh moments per level
+            for _ in range(int(n)):
+                loss_val = float(closure().detach())
+                opt.step()
         if (n and not np.isfinite(loss_val)) or not bool(torch.isfinite(lin).all() and torch.isfinite(shift).all()):
             raise RegistrationFailed(f"affine-io diverged at level {len(records) + 1}: non-finite loss or parameters")
         with torch.no_grad():
             s_end = float(sim(lev.fixed, _sample(lev, mapped(lev.coords, lin, shift), moving.shape), lev.weight))
-        records.append({"shape": list(lev.fixed.shape[-2:]), "iterations": int(n), "similarity_start": round(s_init, 6),
+        records.append({"shape": list(lev.fixed.shape[-2:]), "iterations": int(n), "evaluations": evaluations,
+                        "similarity_start": round(s_init, 6),
                         "similarity_end": round(s_end, 6), "seconds": round(time.perf_counter() - t0, 3)})
     a = (eye + lin).detach().cpu().double().numpy()
     t = shift.detach().cpu().double().numpy() * half

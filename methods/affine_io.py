@@ -3,8 +3,8 @@
 Meant as a refinement after another initial method (``learned>affine-io``: the paper's network followed by
 DeepHistReg-style refinement on the pair itself) or after the shared preprocessing alone. The engine
 (:mod:`bench.methods._instance`) optimises ``x -> A (x - c) + c + t`` (fixed -> moving working pixels,
-identity-initialised) by Adam on the local NCC (or the global NCC) inside the dilated fixed tissue mask,
-coarse to fine; the estimate is its inverse, moving -> fixed in the working frame. The transform is
+identity-initialised) by L-BFGS (or Adam) on the local NCC (or the global NCC) inside the dilated fixed
+tissue mask, coarse to fine; the estimate is its inverse, moving -> fixed in the working frame. The transform is
 parametrised in working pixels directly (no ``theta`` in normalised coordinates, so no conversion like
 ``bench.learning.model.theta_to_matrix`` is needed; ``_instance`` turns points into ``grid_sample``'s
 normalised coordinates itself).
@@ -13,7 +13,10 @@ When the final similarity at the finest level is not above the start's, the iden
 returned (``kept_start``), so the refinement does not make its input worse by its own measure; a
 non-finite or singular result raises :class:`bench.RegistrationFailed`.
 
-Defaults chosen on generated pairs only (``studies/nonrigid_defaults.py``, ``docs/nonrigid.md``).
+Defaults chosen on generated pairs only (``studies/nonrigid_defaults.py``, ``docs/nonrigid.md``). Version 2:
+L-BFGS with (20, 20, 10) evaluations per level instead of Adam's (100, 100, 60) steps: on generated pairs moved
+by random affines (2-8 degrees, 3-8 % scale, 12-48 px at 1024 px) the same landmark error (0.5-0.7 px median)
+in a fifth of the time (0.21 vs 1.0 s per pair, one thread).
 """
 
 from __future__ import annotations
@@ -33,11 +36,13 @@ class AffineIOParams:
 
     size: int = 256  # longer side of the finest level, pixels
     levels: int = 3  # pyramid levels, each half the size of the next
-    iterations: tuple[int, ...] = (100, 100, 60)  # Adam steps per level, coarsest first
-    learning_rate: float = 0.002  # Adam step of the linear part (and of the translation / half the image)
+    iterations: tuple[int, ...] = (20, 20, 10)  # per level, coarsest first: L-BFGS evaluations (Adam: steps)
+    learning_rate: float = 1.0  # L-BFGS: step scale of its line search; Adam: step of the linear part (and of
+    #                             the translation / half the image), e.g. 0.002 with (100, 100, 60) steps
     similarity: Literal["local", "global"] = "local"  # local NCC (window) or global NCC
     window: int = 7  # local NCC window, level pixels (odd)
     use_mask: bool = True  # similarity inside the fixed tissue mask dilated by one window
+    optimiser: Literal["adam", "lbfgs"] = "lbfgs"  # L-BFGS (strong Wolfe line search) or Adam
     keep_start: bool = True  # return the identity when the final similarity is not above the start's
 
 
@@ -45,8 +50,8 @@ class AffineIOParams:
 class AffineIO(Method):
     name = "affine-io"
     kind = "affine"
-    version = "1"
-    description = "Affine by instance optimisation (torch, local NCC, multi-level, Adam): a refinement step."
+    version = "2"
+    description = "Affine by instance optimisation (torch, local NCC, multi-level, L-BFGS): a refinement step."
     uses_preprocessing = True
     devices = ("cpu", "cuda")
     Params = AffineIOParams
@@ -59,7 +64,8 @@ class AffineIO(Method):
         t0 = time.perf_counter()
         res = optimise_affine(fixed, moving, size=p.size, levels=p.levels, iterations=p.iterations,
                               learning_rate=p.learning_rate, window=p.window, similarity=p.similarity,
-                              use_mask=p.use_mask, device=context.device, seed=context.seed)
+                              use_mask=p.use_mask, device=context.device, seed=context.seed,
+                              optimiser=p.optimiser)
         matrix = res.matrix
         diag = dict(res.diagnostics)
         kept = False

@@ -46,6 +46,7 @@ class BSplineParams:
     sampling: float = 0.2  # fraction of pixels sampled per metric evaluation (seeded)
     iterations: tuple[int, ...] = (50,)  # optimiser iterations per level (the largest value is used for every level)
     learning_rate: float = 5.0  # gradient descent (line search) initial step, physical-shift scales
+    line_iterations: int = 20  # most metric evaluations of one line search (SimpleITK: lineSearchMaximumIterations)
     mask_dilation: int = 5  # dilation of the fixed tissue mask for the metric, reduced pixels
     max_folding: float = 0.005  # share of the field allowed a non-positive Jacobian before it fails
     keep_start: bool = True  # return the zero field when the full-sample metric did not improve
@@ -90,7 +91,8 @@ class BSpline(Method):
             reg.SetInterpolator(sitk.sitkLinear)
             reg.SetOptimizerAsGradientDescentLineSearch(learningRate=float(p.learning_rate),
                                                         numberOfIterations=int(max(p.iterations)),
-                                                        convergenceMinimumValue=1e-4, convergenceWindowSize=5)
+                                                        convergenceMinimumValue=1e-4, convergenceWindowSize=5,
+                                                        lineSearchMaximumIterations=int(p.line_iterations))
             reg.SetOptimizerScalesFromPhysicalShift()
             reg.SetInitialTransformAsBSpline(tx, inPlace=True, scaleFactors=[int(v) for v in p.mesh_refinement])
             reg.SetShrinkFactorsPerLevel([int(v) for v in p.shrink_factors])

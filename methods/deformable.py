@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
@@ -47,6 +48,8 @@ class DeformableParams:
     regularisation: float = 30.0  # weight of the diffusion term (mean squared field gradient)
     window: int = 7  # local NCC window, level pixels (odd)
     use_mask: bool = True  # similarity inside the fixed tissue mask dilated by one window
+    features: Literal["intensity", "gradient", "both"] = "intensity"  # what the similarity compares: intensity, gradient (magnitude) or both
+    smoothing: float = 0.0  # > 0: Gaussian sigma (level px) turning the optimised variable into the field
     max_folding: float = 0.005  # share of the field allowed a non-positive Jacobian before it fails
     keep_start: bool = True  # return the zero field when the final similarity is not above the start's
 
@@ -70,7 +73,8 @@ class Deformable(Method):
         t0 = time.perf_counter()
         res = optimise_field(fixed, moving, size=p.size, levels=p.levels, iterations=p.iterations,
                              learning_rate=p.learning_rate, regularisation=p.regularisation, window=p.window,
-                             use_mask=p.use_mask, device=context.device, seed=context.seed)
+                             use_mask=p.use_mask, device=context.device, seed=context.seed,
+                             features=p.features, smoothing=p.smoothing)
         d = Deformation(res.field, fixed.shape)
         share = folding(d)
         diag = dict(res.diagnostics)
@@ -81,7 +85,7 @@ class Deformable(Method):
                                      f"(limit {100 * p.max_folding:.2f} %)")
         kept = False
         if p.keep_start:
-            kw = dict(size=p.size, window=p.window, use_mask=p.use_mask, device=context.device)
+            kw = dict(size=p.size, window=p.window, use_mask=p.use_mask, device=context.device, features=p.features)
             start = finest_similarity(fixed, moving, **kw)
             end = finest_similarity(fixed, moving, field=d.field, **kw)
             diag["similarity_start"], diag["similarity_end"] = round(start, 6), round(end, 6)

@@ -36,7 +36,7 @@ from bench.datasets.synthetic import TISSUES, GeneratorConfig, Variation, genera
 
 from bench import Context, ImageView, registry
 from bench.deformation import check, random_smooth_field, warp_image, warp_points
-from bench.geometry import apply
+from bench.geometry import apply, random_affine
 
 
 def _view(rgb: np.ndarray, mask: np.ndarray) -> ImageView:
@@ -47,11 +47,26 @@ def _view(rgb: np.ndarray, mask: np.ndarray) -> ImageView:
     return ImageView(image.astype(np.float32), mask.astype(bool))
 
 
+def add_noise(view: ImageView, amount: float, seed: int, sigma: float = 1.5) -> ImageView:
+    """The view with independent fine noise inside its tissue (Gaussian, smoothed at ``sigma`` px, standard
+    deviation ``amount`` x the tissue's): what one stain shows and the other does not, so the two images
+    correlate as weakly as real stain pairs do (``--noise``)."""
+    if amount <= 0:
+        return view
+    rng = np.random.default_rng(seed)
+    n = cv2.GaussianBlur(rng.standard_normal(view.image.shape).astype(np.float32), (0, 0), sigma)
+    n *= amount * float(view.image[view.mask].std()) / max(float(n.std()), 1e-12)
+    return ImageView(np.clip(view.image + n, 0.0, None).astype(np.float32) * view.mask, view.mask)
+
+
 def make_case(seed: int, size: int, amplitude: float, scale: float, *, tissue: str | None = None,
-              swap: float = 0.0):
+              swap: float = 0.0, noise: float = 0.0, affine: tuple[float, float, float] | None = None):
     """``(fixed, moving, moving_points, fixed_points)``: views in the fixed frame, the moving view deformed by
     a known field; ``moving_points`` are where the fixed landmarks ``fixed_points`` are in the moving view.
-    ``tissue``: one of ``TISSUES`` (drawn when None); ``swap``: the generator's ``texture_swap_sigma``."""
+    ``tissue``: one of ``TISSUES`` (drawn when None); ``swap``: the generator's ``texture_swap_sigma``;
+    ``noise``: :func:`add_noise` to both views (independently); ``affine``: ``(rotation deg, scale, shift px)``
+    bounds of a random affine that moves the aligned source instead of a field (an imperfect affine start, for
+    ``affine-io``)."""
     cfg = GeneratorConfig(size=size, n_landmarks=40, max_rotation_deg=30, elastic_px=0.0,
                           hole_probability=0.0, dust_probability=0.0)
     pair = generate_pair(seed, tissue=tissue, config=cfg, variation=Variation(texture_swap_sigma=swap))
@@ -60,10 +75,17 @@ def make_case(seed: int, size: int, amplitude: float, scale: float, *, tissue: s
     fill = tuple(int(v) for v in np.median(pair.source_rgb[~pair.source_mask], axis=0))
     src_rgb = cv2.warpAffine(pair.source_rgb, m, (w, h), flags=cv2.INTER_LINEAR, borderValue=fill)
     src_mask = cv2.warpAffine(pair.source_mask.astype(np.uint8), m, (w, h), flags=cv2.INTER_NEAREST) > 0
-    fixed = _view(pair.target_rgb, pair.target_mask)
-    aligned = _view(src_rgb, src_mask)
+    fixed = add_noise(_view(pair.target_rgb, pair.target_mask), noise, seed + 2000)
+    aligned = add_noise(_view(src_rgb, src_mask), noise, seed + 3000)
     fixed_points = pair.target_landmarks
     assert np.allclose(apply(pair.true_matrix, pair.source_landmarks), fixed_points, atol=1e-6)
+    if affine is not None:
+        rot, sc, shift = affine
+        p = random_affine(np.random.default_rng(seed + 4000), ((w - 1) / 2, (h - 1) / 2), max_rotation_deg=rot,
+                          scale_range=(1 - sc, 1 + sc), max_shear=sc, max_translation=shift)
+        moved = ImageView(cv2.warpAffine(aligned.image, p[:2], (w, h), flags=cv2.INTER_LINEAR),
+                          cv2.warpAffine(aligned.mask.astype(np.uint8), p[:2], (w, h), flags=cv2.INTER_NEAREST) > 0)
+        return fixed, moved, apply(p, fixed_points), fixed_points
     if amplitude <= 0:
         return fixed, aligned, fixed_points.copy(), fixed_points
     field = random_smooth_field((h, w), amplitude, scale, seed=seed + 1000)
@@ -102,15 +124,24 @@ def evaluate(name: str, params: dict, cases: list, threads: int = 1) -> dict:
             "time": float(np.median(times)), "worse": worse, "failed": failed, "n": len(cases)}
 
 
-def make_sets(pairs: int, size: int, fields: list[tuple[float, float]], swap: float) -> dict[str, list]:
+def make_sets(pairs: int, size: int, fields: list[tuple[float, float]], swap: float,
+              noise: float = 0.0, affines: list[tuple[float, float, float]] | None = None) -> dict[str, list]:
     """The generated sets: one per ``(amplitude, sigma)`` (at a ``size`` px working size; both scaled with
     ``size / 1024``), then the not deformed control; pair ``k`` of a set has the tissue ``TISSUES[k % 4]`` and
-    a seed of its own set."""
+    a seed of its own set. With ``affines`` (``(rotation deg, scale, shift px at 1024 px)`` each), one set per
+    random-affine start instead of the fields."""
     f = size / 1024.0
     sets = {}
+    if affines:
+        for j, (rot, sc, shift) in enumerate(affines):
+            sets[f"affine {rot:g} deg, {sc:g}, {shift * f:g} px"] = [
+                make_case(100 * j + k + 50, size, 0.0, 60.0, tissue=TISSUES[k % len(TISSUES)], swap=swap,
+                          noise=noise, affine=(rot, sc, shift * f)) for k in range(pairs)]
+        return sets
     for j, (amp, sig) in enumerate([*fields, (0.0, 60.0)]):
         label = f"{amp * f:g} px, sigma {sig * f:g}" if amp > 0 else "not deformed"
-        sets[label] = [make_case(100 * j + k, size, amp * f, sig * f, tissue=TISSUES[k % len(TISSUES)], swap=swap)
+        sets[label] = [make_case(100 * j + k, size, amp * f, sig * f, tissue=TISSUES[k % len(TISSUES)], swap=swap,
+                                 noise=noise)
                        for k in range(pairs)]
     return sets
 
@@ -128,6 +159,13 @@ def main(argv: list[str] | None = None) -> None:
                     help="AMPLITUDE:SIGMA of a deformed set, working px at 1024 px (default 8:60, 16:100, 24:150)")
     ap.add_argument("--swap", type=float, default=4.0,
                     help="texture_swap_sigma of the generator (0: same fine structure in both sections)")
+    ap.add_argument("--affine", action="append", default=[],
+                    help="ROTATION:SCALE:SHIFT bounds of a random-affine start set instead of the fields "
+                         "(degrees, relative, working px at 1024 px), e.g. 2:0.03:12")
+    ap.add_argument("--noise", type=float, default=0.0,
+                    help="independent fine noise in each image, x the tissue's standard deviation (0: none)")
+    ap.add_argument("--probe", action="store_true",
+                    help="print the squared local NCC (window 7, 512 px) of each not-deformed pair and stop")
     args = ap.parse_args(argv)
     fields = [tuple(float(v) for v in f.split(":")) for f in args.field] or [(8, 60), (16, 100), (24, 150)]
     if args.quick:
@@ -142,9 +180,17 @@ def main(argv: list[str] | None = None) -> None:
                  "affine-io": {"size": 128, "levels": 2, "iterations": "20,20"}}
     else:
         quick = {}
-    sets = make_sets(args.pairs, args.size, fields, args.swap)
-    print(f"{args.pairs} generated pairs per set, target {args.size} px, texture swap sigma {args.swap:g}; "
-          f"one CPU thread\n")
+    affines = [tuple(float(v) for v in a.split(":")) for a in args.affine]
+    sets = make_sets(args.pairs, args.size, fields, args.swap, args.noise, affines)
+    if args.probe:
+        from bench.methods._instance import finest_similarity
+
+        for fixed, moving, _, _ in sets["not deformed"]:
+            value = finest_similarity(fixed, moving, size=512, window=7, use_mask=True)
+            print(f"perfect alignment: squared local NCC {value:.3f}")
+        return
+    print(f"{args.pairs} generated pairs per set, target {args.size} px, texture swap sigma {args.swap:g}, "
+          f"noise {args.noise:g}; one CPU thread\n")
     print("| method | params | cases | median error before [px] | median error after [px] | worst after [px] | "
           "worse | failed | median time [s] |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -77,6 +77,38 @@ def test_nonrigid_lowers_the_error_and_is_well_behaved(name):
     assert np.array_equal(again.matrix, est.matrix)
 
 
+@pytest.mark.parametrize("extra", [{"features": "gradient"}, {"features": "both", "smoothing": 1.5}],
+                         ids=["gradient", "both-smoothed"])
+def test_deformable_feature_and_smoothing_options_lower_the_error(extra):
+    fixed, moving, mp, fp = deformed_case()
+    before = float(np.median(np.linalg.norm(mp - fp, axis=1)))
+    est = registry.get("deformable")(**SMALL["deformable"], **extra).estimate(fixed, moving, Context())
+    assert check(est.deformation) is None
+    after = _error(est, mp, fp)
+    assert after < 0.6 * before, f"{extra}: median error {before:.2f} -> {after:.2f} px"
+
+
+def test_engine_features_and_smoothing():
+    import torch
+    from bench.methods._instance import _gaussian, features
+
+    img = np.zeros((20, 30), np.float32)
+    img[:, 15:] = 1.0  # a vertical edge
+    grad = features(img, "gradient")[0]
+    assert grad.max() == pytest.approx(1.0) and grad[:, :13].max() == 0.0 and grad[:, 14:16].min() > 0.0
+    assert np.array_equal(features(img, "both")[0], img)
+    with pytest.raises(ValueError, match="features must be"):
+        features(img, "colour")
+    blur = _gaussian(2.0, "cpu")
+    const = torch.full((1, 2, 12, 9), 3.0)
+    assert torch.allclose(blur(const), const)  # replicated borders keep a constant field
+    spike = torch.zeros((1, 2, 21, 21))
+    spike[0, :, 10, 10] = 1.0
+    out = blur(spike)
+    assert out[0, 0, 10, 10] < 0.1 and float(out.sum()) == pytest.approx(2.0, rel=1e-5)
+    assert _gaussian(0.0, "cpu")(spike) is spike
+
+
 @pytest.mark.parametrize("name", list(SMALL))
 def test_nonrigid_keeps_a_perfect_alignment(name):
     fixed, aligned, fp = _aligned()
@@ -84,7 +116,9 @@ def test_nonrigid_keeps_a_perfect_alignment(name):
     assert _error(est, fp, fp) < 0.5
 
 
-def test_affine_io_recovers_a_small_affine():
+@pytest.mark.parametrize("extra", [{}, {"optimiser": "adam", "learning_rate": 0.002, "iterations": (100, 100, 60)}],
+                         ids=["lbfgs", "adam"])
+def test_affine_io_recovers_a_small_affine(extra):
     fixed, aligned, fp = _aligned()
     h, w = fixed.shape
     a = geometry.translation(3.0, -2.0) @ geometry.rotation(2.0, ((w - 1) / 2, (h - 1) / 2)) @ geometry.scaling(1.03)
@@ -96,8 +130,8 @@ def test_affine_io_recovers_a_small_affine():
     before = float(np.median(np.linalg.norm(mp - fp, axis=1)))
     cls = registry.get("affine-io")
     assert cls.kind == "affine"
-    est = cls(size=128).estimate(fixed, moving, Context())
-    assert est.deformation is None
+    est = cls(size=128, **extra).estimate(fixed, moving, Context())
+    assert est.deformation is None and not est.diagnostics["kept_start"]
     after = float(np.median(np.linalg.norm(geometry.apply(est.matrix, mp) - fp, axis=1)))
     assert before > 3.0 and after < 0.3 * before, f"{before:.2f} -> {after:.2f} px"
 
@@ -105,12 +139,24 @@ def test_affine_io_recovers_a_small_affine():
 @pytest.mark.parametrize("name, params", [
     ("deformable", {"size": 96, "levels": 2, "iterations": (5, 5), "learning_rate": 1e30}),
     ("deformable", {"size": 96, "levels": 2, "iterations": (20, 20), "learning_rate": 5.0, "regularisation": 0.0}),
-    ("affine-io", {"size": 96, "levels": 2, "iterations": (5, 5), "learning_rate": 1e30}),
+    ("affine-io", {"size": 96, "levels": 2, "iterations": (5, 5), "learning_rate": 1e30, "optimiser": "adam"}),
 ])
 def test_diverging_settings_fail_cleanly(name, params):
     fixed, moving, _, _ = deformed_case()
     with pytest.raises(RegistrationFailed):
         registry.get(name)(**params).estimate(fixed, moving, Context())
+
+
+def test_affine_io_lbfgs_line_search_refuses_an_absurd_step():
+    """L-BFGS's strong-Wolfe line search rejects steps that do not raise the similarity: with an absurd step
+    scale nothing is accepted and the start comes back (Adam diverges instead: the case above)."""
+    fixed, moving, _, _ = deformed_case()
+    est = registry.get("affine-io")(size=96, levels=2, iterations=(5, 5), learning_rate=1e30).estimate(
+        fixed, moving, Context())
+    assert np.all(np.isfinite(est.matrix))
+    levels = est.diagnostics["levels"]
+    assert all(lev["similarity_end"] == lev["similarity_start"] for lev in levels)
+    assert est.diagnostics["kept_start"] and np.array_equal(est.matrix, np.eye(3))
 
 
 def test_torch_not_imported_by_listing():
