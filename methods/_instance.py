@@ -377,7 +377,7 @@ def optimise_affine(fixed: ImageView, moving: ImageView, *, size: int, levels: i
         def closure(lev=lev) -> Any:  # this level's loss, with its gradient
             nonlocal evaluations
             evaluations += 1
-            opt.zero_grad(set_to_none=True)
+            lin.grad = shift.grad = None
             value = -sim(lev.fixed, _sample(lev, mapped(lev.coords, lin, shift), moving.shape), lev.weight)
             value.backward()
             return value
