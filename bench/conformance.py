@@ -21,6 +21,11 @@ recovers_translation       moving = the fixed view shifted by a known translatio
 recovers_rotation          the same with a 6 degree rotation (catches a transposed linear part)
 recovers_known_transform   a generated pair of two stains, rotation, scale 1.12 and shear, through the shared
                            preprocessing: median rTRE of its landmarks below 0.01
+recovers_deformation       nonrigid methods (``kind = "nonrigid"``): moving = the fixed view deformed by a known
+                           smooth field (up to 10 px); the answer's :class:`~bench.deformation.Deformation` is
+                           valid (shape, finite, not folding) and moves the moving points, in ANHIR's
+                           direction (``warp_points``), to less than 0.6 x their error before (catches a field
+                           of the wrong sign or frame); affine methods: not applicable
 ========================== ===================================================================================
 
 The ``recovers_*`` checks judge the method's own answer; the direct ones give the method a moving view made
@@ -340,6 +345,41 @@ def check_recovers_rotation(cls: type[Method]) -> str:
     return _recovered(cls, "rotation")
 
 
+DEFORMATION_GAIN = 0.6  # recovers_deformation: the median point error after must be below this x before
+
+
+def check_recovers_deformation(cls: type[Method]) -> str:
+    from bench.deformation import Deformation, check, random_smooth_field, warp_image, warp_points
+
+    if cls.kind != "nonrigid":
+        return f"not applicable (kind {cls.kind})"
+    fixed = prepared_pair(cls.uses_preprocessing).fixed
+    field = random_smooth_field(fixed.shape, 10.0, 40.0, seed=5)
+    moving = ImageView(warp_image(fixed.image, None, field), warp_image(fixed.mask, None, field),
+                       None if fixed.rgb is None else warp_image(fixed.rgb, None, field))
+    expected = _landmarks_working(prepared_pair(cls.uses_preprocessing))
+    points = warp_points(None, field, expected)  # where each fixed point's tissue is in the moving view
+    before = float(np.median(np.linalg.norm(points - expected, axis=1)))
+    est = _estimate(_instance(cls), fixed, moving)
+    d = est.deformation
+    if d is None:
+        raise ConformanceError("a nonrigid method returned no deformation (Estimate.deformation is None)")
+    problem = check(d) or ("" if d.shape == fixed.shape else f"deformation shape {d.shape} is not the fixed "
+                                                             f"view's {fixed.shape}")
+    if problem:
+        raise ConformanceError(problem)
+    matrix = _working(est, prepared_pair(cls.uses_preprocessing))
+    after = float(np.median(np.linalg.norm(warp_points(matrix, d, points) - expected, axis=1)))
+    text = f"median point error {before:.2f} -> {after:.2f} px (limit {DEFORMATION_GAIN} x before)"
+    if not after < DEFORMATION_GAIN * before:
+        flipped = Deformation(-d.field, d.shape)
+        other = float(np.median(np.linalg.norm(warp_points(matrix, flipped, points) - expected, axis=1)))
+        hint = " (the negated field fits better: u must be, per fixed point x, the step to its moving point)" \
+            if other < after else ""
+        raise ConformanceError(text + hint)
+    return text
+
+
 def check_recovers_known_transform(cls: type[Method]) -> str:
     prepared = prepared_pair(cls.uses_preprocessing)
     est = _estimate(_instance(cls), prepared.fixed, prepared.moving)
@@ -362,6 +402,7 @@ CHECKS: dict[str, Callable[[type[Method]], str]] = {
     "recovers_translation": check_recovers_translation,
     "recovers_rotation": check_recovers_rotation,
     "recovers_known_transform": check_recovers_known_transform,
+    "recovers_deformation": check_recovers_deformation,
 }
 REQUIRED = frozenset({"metadata", "returns_affine", "inputs_not_mutated"})  # cannot be a known limit
 

@@ -61,3 +61,30 @@ def test_estimate_refuses_non_affine_matrices():
 def test_imageview_shape():
     v = ImageView(np.zeros((5, 7), np.float32), np.ones((5, 7), bool))
     assert v.shape == (5, 7)
+
+
+def _demons_variant(change):
+    """A nonrigid method like ``demons`` whose answer is altered by ``change(estimate) -> estimate``."""
+    base = registry.get("demons")
+
+    class Variant(base):
+        name = "demons-variant"
+
+        def estimate(self, fixed, moving, context):
+            return change(base.estimate(self, fixed, moving, context))
+
+    return Variant
+
+
+def test_recovers_deformation_catches_a_field_of_the_wrong_sign_and_a_missing_field():
+    from bench.deformation import Deformation
+
+    ok = conformance.run_check(_demons_variant(lambda e: e), "recovers_deformation")
+    assert ok.status == conformance.PASS, ok.message
+    negated = _demons_variant(lambda e: Estimate(e.matrix, e.diagnostics,
+                                                 deformation=Deformation(-e.deformation.field, e.deformation.shape)))
+    bad = conformance.run_check(negated, "recovers_deformation")
+    assert bad.status == conformance.FAIL and "negated field fits better" in bad.message, bad.message
+    missing = conformance.run_check(_demons_variant(lambda e: Estimate(e.matrix, e.diagnostics)),
+                                    "recovers_deformation")
+    assert missing.status == conformance.FAIL and "no deformation" in missing.message
