@@ -25,7 +25,7 @@ recovers_deformation       nonrigid methods (``kind = "nonrigid"``): moving = th
                            smooth field (up to 10 px); the answer's :class:`~bench.deformation.Deformation` is
                            valid (shape, finite, not folding) and moves the moving points, in ANHIR's
                            direction (``warp_points``), to less than 0.6 x their error before (catches a field
-                           of the wrong sign or frame); affine methods: not applicable
+                           of the wrong sign or frame); affine methods: their answer carries no field
 ========================== ===================================================================================
 
 The ``recovers_*`` checks judge the method's own answer; the direct ones give the method a moving view made
@@ -351,8 +351,13 @@ DEFORMATION_GAIN = 0.6  # recovers_deformation: the median point error after mus
 def check_recovers_deformation(cls: type[Method]) -> str:
     from bench.deformation import Deformation, check, random_smooth_field, warp_image, warp_points
 
-    if cls.kind != "nonrigid":
-        return f"not applicable (kind {cls.kind})"
+    if cls.kind != "nonrigid":  # an affine method must not answer with a field (the harness trusts the kind)
+        prepared = prepared_pair(cls.uses_preprocessing)
+        est = _estimate(_instance(cls), prepared.fixed, prepared.moving)
+        if est.deformation is not None:
+            raise ConformanceError(f"kind {cls.kind!r} but the estimate carries a deformation: declare "
+                                   "kind = 'nonrigid'")
+        return f"kind {cls.kind}: no deformation, as declared"
     fixed = prepared_pair(cls.uses_preprocessing).fixed
     field = random_smooth_field(fixed.shape, 10.0, 40.0, seed=5)
     moving = ImageView(warp_image(fixed.image, None, field), warp_image(fixed.mask, None, field),

@@ -164,8 +164,6 @@ def main(argv: list[str] | None = None) -> None:
                          "(degrees, relative, working px at 1024 px), e.g. 2:0.03:12")
     ap.add_argument("--noise", type=float, default=0.0,
                     help="independent fine noise in each image, x the tissue's standard deviation (0: none)")
-    ap.add_argument("--probe", action="store_true",
-                    help="print the squared local NCC (window 7, 512 px) of each not-deformed pair and stop")
     args = ap.parse_args(argv)
     fields = [tuple(float(v) for v in f.split(":")) for f in args.field] or [(8, 60), (16, 100), (24, 150)]
     if args.quick:
@@ -182,13 +180,6 @@ def main(argv: list[str] | None = None) -> None:
         quick = {}
     affines = [tuple(float(v) for v in a.split(":")) for a in args.affine]
     sets = make_sets(args.pairs, args.size, fields, args.swap, args.noise, affines)
-    if args.probe:
-        from bench.methods._instance import finest_similarity
-
-        for fixed, moving, _, _ in sets["not deformed"]:
-            value = finest_similarity(fixed, moving, size=512, window=7, use_mask=True)
-            print(f"perfect alignment: squared local NCC {value:.3f}")
-        return
     print(f"{args.pairs} generated pairs per set, target {args.size} px, texture swap sigma {args.swap:g}, "
           f"noise {args.noise:g}; one CPU thread\n")
     print("| method | params | cases | median error before [px] | median error after [px] | worst after [px] | "

@@ -63,8 +63,8 @@ def test_imageview_shape():
     assert v.shape == (5, 7)
 
 
-def _demons_variant(change):
-    """A nonrigid method like ``demons`` whose answer is altered by ``change(estimate) -> estimate``."""
+def _demons_variant(change, kind="nonrigid"):
+    """A method like ``demons`` whose answer is altered by ``change(estimate) -> estimate``, of ``kind``."""
     base = registry.get("demons")
 
     class Variant(base):
@@ -73,6 +73,7 @@ def _demons_variant(change):
         def estimate(self, fixed, moving, context):
             return change(base.estimate(self, fixed, moving, context))
 
+    Variant.kind = kind
     return Variant
 
 
@@ -88,3 +89,5 @@ def test_recovers_deformation_catches_a_field_of_the_wrong_sign_and_a_missing_fi
     missing = conformance.run_check(_demons_variant(lambda e: Estimate(e.matrix, e.diagnostics)),
                                     "recovers_deformation")
     assert missing.status == conformance.FAIL and "no deformation" in missing.message
+    mislabelled = conformance.run_check(_demons_variant(lambda e: e, kind="affine"), "recovers_deformation")
+    assert mislabelled.status == conformance.FAIL and "declare kind = 'nonrigid'" in mislabelled.message
