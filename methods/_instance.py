@@ -240,10 +240,12 @@ def _setup(seed: int, requested: str) -> str:
 def optimise_field(fixed: ImageView, moving: ImageView, *, size: int, levels: int, iterations: tuple[int, ...],
                    learning_rate: float, regularisation: float, window: int, use_mask: bool,
                    initial: np.ndarray | None = None, device: str = "cpu", seed: int = 0,
-                   features: str = "intensity", smoothing: float = 0.0) -> Result:
+                   features: str = "intensity", smoothing: float = 0.0, optimiser: str = "adam") -> Result:
     """Optimise a displacement field (see the module docstring); ``features``: what the similarity compares
     (:func:`features`); ``smoothing`` > 0: the optimised variable is passed through a Gaussian of that sigma
-    (level pixels) to give the displacement (a smooth parametrisation, as Demons smooths its field).
+    (level pixels) to give the displacement (a smooth parametrisation, as Demons smooths its field);
+    ``optimiser``: ``adam`` (``iterations`` steps of ``learning_rate`` level pixels) or ``lbfgs`` (at most
+    ``iterations`` evaluations per level, strong-Wolfe line search; ``learning_rate`` scales its first step).
 
     Returns
     -------
@@ -290,7 +292,24 @@ def optimise_field(fixed: ImageView, moving: ImageView, *, size: int, levels: in
             s_start = float(sim(lev.fixed, _sample(lev, base, moving.shape), lev.weight)) if u is None else None
             s_init, _ = losses(v0)
         loss_val = float("nan")
-        for _ in range(int(n)):
+        if optimiser == "lbfgs":
+            opt = torch.optim.LBFGS([v], lr=float(learning_rate), max_iter=max(1, int(n)), max_eval=max(1, int(n)),
+                                    line_search_fn="strong_wolfe", tolerance_grad=1e-12, tolerance_change=1e-12,
+                                    history_size=20)
+
+            def closure(v=v, losses=losses) -> Any:
+                v.grad = None
+                s, reg = losses(v)
+                value = -s + float(regularisation) * reg
+                value.backward()
+                return value
+
+            if n:
+                opt.step(closure)
+                with torch.no_grad():
+                    s, reg = losses(v)
+                    loss_val = float(-s + float(regularisation) * reg)
+        for _ in range(int(n) if optimiser != "lbfgs" else 0):
             opt.zero_grad(set_to_none=True)
             s, reg = losses(v)
             loss = -s + float(regularisation) * reg

@@ -49,6 +49,7 @@ class DeformableParams:
     window: int = 7  # local NCC window, level pixels (odd)
     use_mask: bool = True  # similarity inside the fixed tissue mask dilated by one window
     features: Literal["intensity", "gradient", "both"] = "intensity"  # what the similarity compares: intensity, gradient (magnitude) or both
+    optimiser: Literal["adam", "lbfgs"] = "adam"  # Adam, or L-BFGS (iterations = evaluations; learning_rate 1)
     smoothing: float = 0.0  # > 0: Gaussian sigma (level px) turning the optimised variable into the field
     max_folding: float = 0.005  # share of the field allowed a non-positive Jacobian before it fails
     keep_start: bool = True  # return the zero field when the final similarity is not above the start's
@@ -74,7 +75,7 @@ class Deformable(Method):
         res = optimise_field(fixed, moving, size=p.size, levels=p.levels, iterations=p.iterations,
                              learning_rate=p.learning_rate, regularisation=p.regularisation, window=p.window,
                              use_mask=p.use_mask, device=context.device, seed=context.seed,
-                             features=p.features, smoothing=p.smoothing)
+                             features=p.features, smoothing=p.smoothing, optimiser=p.optimiser)
         d = Deformation(res.field, fixed.shape)
         share = folding(d)
         diag = dict(res.diagnostics)

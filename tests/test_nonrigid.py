@@ -77,8 +77,9 @@ def test_nonrigid_lowers_the_error_and_is_well_behaved(name):
     assert np.array_equal(again.matrix, est.matrix)
 
 
-@pytest.mark.parametrize("extra", [{"features": "gradient"}, {"features": "both", "smoothing": 1.5}],
-                         ids=["gradient", "both-smoothed"])
+@pytest.mark.parametrize("extra", [{"features": "gradient"}, {"features": "both", "smoothing": 1.5},
+                                   {"optimiser": "lbfgs", "learning_rate": 1.0}],
+                         ids=["gradient", "both-smoothed", "lbfgs"])
 def test_deformable_feature_and_smoothing_options_lower_the_error(extra):
     fixed, moving, mp, fp = deformed_case()
     before = float(np.median(np.linalg.norm(mp - fp, axis=1)))
