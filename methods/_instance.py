@@ -244,7 +244,7 @@ def optimise_field(fixed: ImageView, moving: ImageView, *, size: int, levels: in
     """Optimise a displacement field (see the module docstring); ``features``: what the similarity compares
     (:func:`features`); ``smoothing`` > 0: the optimised variable is passed through a Gaussian of that sigma
     (level pixels) to give the displacement (a smooth parametrisation, as Demons smooths its field);
-    ``optimiser``: ``adam`` (``iterations`` steps of ``learning_rate`` level pixels) or ``lbfgs`` (at most
+    ``optimiser``: ``adam`` (``iterations`` steps of ``learning_rate`` level pixels) or ``lbfgs`` (a budget of
     ``iterations`` evaluations per level, strong-Wolfe line search; ``learning_rate`` scales its first step).
 
     Returns
@@ -358,8 +358,9 @@ def optimise_affine(fixed: ImageView, moving: ImageView, *, size: int, levels: i
     """Optimise an affine ``x -> A (x - c) + c + t`` (fixed -> moving working pixels) by the same engine.
 
     ``optimiser``: ``adam`` (``iterations`` steps of ``learning_rate`` per level) or ``lbfgs`` (torch's L-BFGS
-    with a strong-Wolfe line search, at most ``iterations`` similarity evaluations per level; six parameters
-    and a smooth similarity suit a quasi-Newton method, which needs far fewer evaluations than Adam).
+    with a strong-Wolfe line search and a budget of ``iterations`` similarity evaluations per level, which a
+    line search may overrun by a few; six parameters and a smooth similarity suit a quasi-Newton method,
+    which needs far fewer evaluations than Adam).
 
     Returns
     -------
