@@ -135,7 +135,7 @@ def capture_plot(df: pd.DataFrame, colours: dict, out_dir: Path,
                    label=f"downstream success {metrics.DOWNSTREAM_THRESHOLD:g}")
         ax.set(xscale="log", yscale="log", xlim=(lo, hi), ylim=(lo, hi),
                xlabel="start: median rTRE of the initial alignment", ylabel="final: median rTRE after the stage")
-        plots.tidy_log_axis(ax.xaxis)
+        plots.tidy_log_axis(ax.xaxis, max_decades=2)  # 0.0001 and 0.0002 side by side collide
         plots.tidy_log_axis(ax.yaxis)
         plots.outside_legend(ax)
         fig.tight_layout()

@@ -85,13 +85,14 @@ def save(fig: Figure, out_dir: Path, stem: str) -> dict[str, Path]:
     return paths
 
 
-def tidy_log_axis(axis) -> None:
-    """Readable tick labels on a log axis: 1-2-5 steps as plain numbers when it spans at most 3 decades,
-    powers of ten otherwise; minor ticks unlabelled."""
+def tidy_log_axis(axis, max_decades: float = 3.0) -> None:
+    """Readable tick labels on a log axis: 1-2-5 steps as plain numbers when it spans at most ``max_decades``
+    decades (lower it for a horizontal axis of long labels such as 0.0001, which collide sooner), powers of
+    ten otherwise; minor ticks unlabelled."""
     lo, hi = sorted(axis.get_view_interval())
     if lo <= 0 or hi <= 0:
         return
-    if np.log10(hi / lo) <= 3:
+    if np.log10(hi / lo) <= max_decades:
         axis.set_major_locator(mticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
         axis.set_major_formatter(mticker.FormatStrFormatter("%g"))
     axis.set_minor_formatter(mticker.NullFormatter())
