@@ -46,7 +46,7 @@ def outside_legend(ax) -> None:
 
 
 def palette(labels: list[str], methods: list[str] | None = None) -> dict[str, tuple[float, float, float]]:
-    """One fixed colour per label (seaborn's colour-blind palette up to 10 labels, else husl).
+    """One fixed colour per label (seaborn's colour-blind palette up to 10 labels, tab20 up to 20, else husl).
 
     A method of the paper's set keeps the same colour in every report (``identity`` always the first
     colour, ``sift`` always the fourth ...); other labels, and further variants of one method (several
@@ -60,8 +60,13 @@ def palette(labels: list[str], methods: list[str] | None = None) -> dict[str, tu
     from bench.report.load import PAPER_ORDER
 
     methods = methods or labels
-    if len(labels) > 10:
+    if len(labels) > 20:
         return {lab: tuple(c) for lab, c in zip(labels, sns.color_palette("husl", len(labels)), strict=True)}
+    if len(labels) > 10:  # tab20's ten strong colours first, then their light shades (husl's 11-20 evenly
+        # spaced hues of one lightness were too alike to tell apart)
+        tab = sns.color_palette("tab20", 20)
+        order = [*range(0, 20, 2), *range(1, 20, 2)]
+        return {lab: tuple(tab[order[j]]) for j, lab in enumerate(labels)}
     colours = sns.color_palette("colorblind", 10)
     out: dict[str, int] = {}
     for label, method in zip(labels, methods, strict=True):
