@@ -112,12 +112,12 @@ def _weights(mask: np.ndarray, shape: tuple[int, int], dilation: int) -> np.ndar
 FEATURES = ("intensity", "gradient", "both")
 
 
-def features(image: np.ndarray, kind: str) -> np.ndarray:
+def feature_channels(image: np.ndarray, kind: str) -> np.ndarray:
     """``(C, h, w)`` float32 channels compared by the similarity: the image (``intensity``), its gradient
     magnitude (``gradient``: central differences, divided by its 99th percentile so both images' edges have
     the same scale whatever their stains' contrast), or both.
 
-    >>> features(np.zeros((4, 5), np.float32), "both").shape
+    >>> feature_channels(np.zeros((4, 5), np.float32), "both").shape
     (2, 4, 5)
     """
     if kind not in FEATURES:
@@ -136,7 +136,7 @@ def features(image: np.ndarray, kind: str) -> np.ndarray:
 
 def pyramid(fixed: ImageView, moving: ImageView, size: int, levels: int, window: int,
             use_mask: bool, device: str, kind: str = "intensity") -> list[Level]:
-    """The levels, coarsest first, as tensors on ``device``; ``kind``: the :func:`features` compared."""
+    """The levels, coarsest first, as tensors on ``device``; ``kind``: the :func:`feature_channels` compared."""
     import torch
 
     big_h, big_w = fixed.shape
@@ -153,8 +153,8 @@ def pyramid(fixed: ImageView, moving: ImageView, size: int, levels: int, window:
         gx, gy = np.meshgrid(xs, ys)
         coords = np.stack([gx, gy], axis=-1)[None].astype(np.float32)
         t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)  # noqa: E731
-        out.append(Level(t(features(fi, kind)[None]), t(features(mi, kind)[None]), t(wt[None, None]), t(coords),
-                         (sx, sy)))
+        out.append(Level(t(feature_channels(fi, kind)[None]), t(feature_channels(mi, kind)[None]),
+                         t(wt[None, None]), t(coords), (sx, sy)))
     return out
 
 
@@ -242,8 +242,8 @@ def optimise_field(fixed: ImageView, moving: ImageView, *, size: int, levels: in
                    initial: np.ndarray | None = None, device: str = "cpu", seed: int = 0,
                    features: str = "intensity", smoothing: float = 0.0, optimiser: str = "adam") -> Result:
     """Optimise a displacement field (see the module docstring); ``features``: what the similarity compares
-    (:func:`features`); ``smoothing`` > 0: the optimised variable is passed through a Gaussian of that sigma
-    (level pixels) to give the displacement (a smooth parametrisation, as Demons smooths its field);
+    (:func:`feature_channels`); ``smoothing`` > 0: the optimised variable is passed through a Gaussian of that
+    sigma (level pixels) to give the displacement (a smooth parametrisation, as Demons smooths its field);
     ``optimiser``: ``adam`` (``iterations`` steps of ``learning_rate`` level pixels) or ``lbfgs`` (a budget of
     ``iterations`` evaluations per level, strong-Wolfe line search; ``learning_rate`` scales its first step).
 

@@ -91,15 +91,15 @@ def test_deformable_feature_and_smoothing_options_lower_the_error(extra):
 
 def test_engine_features_and_smoothing():
     import torch
-    from bench.methods._instance import _gaussian, features
+    from bench.methods._instance import _gaussian, feature_channels
 
     img = np.zeros((20, 30), np.float32)
     img[:, 15:] = 1.0  # a vertical edge
-    grad = features(img, "gradient")[0]
+    grad = feature_channels(img, "gradient")[0]
     assert grad.max() == pytest.approx(1.0) and grad[:, :13].max() == 0.0 and grad[:, 14:16].min() > 0.0
-    assert np.array_equal(features(img, "both")[0], img)
+    assert np.array_equal(feature_channels(img, "both")[0], img)
     with pytest.raises(ValueError, match="features must be"):
-        features(img, "colour")
+        feature_channels(img, "colour")
     blur = _gaussian(2.0, "cpu")
     const = torch.full((1, 2, 12, 9), 3.0)
     assert torch.allclose(blur(const), const)  # replicated borders keep a constant field
