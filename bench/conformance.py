@@ -351,18 +351,18 @@ DEFORMATION_GAIN = 0.6  # recovers_deformation: the median point error after mus
 def check_recovers_deformation(cls: type[Method]) -> str:
     from bench.deformation import Deformation, check, random_smooth_field, warp_image, warp_points
 
+    prepared = prepared_pair(cls.uses_preprocessing)
     if cls.kind != "nonrigid":  # an affine method must not answer with a field (the harness trusts the kind)
-        prepared = prepared_pair(cls.uses_preprocessing)
         est = _estimate(_instance(cls), prepared.fixed, prepared.moving)
         if est.deformation is not None:
             raise ConformanceError(f"kind {cls.kind!r} but the estimate carries a deformation: declare "
                                    "kind = 'nonrigid'")
         return f"kind {cls.kind}: no deformation, as declared"
-    fixed = prepared_pair(cls.uses_preprocessing).fixed
+    fixed = prepared.fixed
     field = random_smooth_field(fixed.shape, 10.0, 40.0, seed=5)
     moving = ImageView(warp_image(fixed.image, None, field), warp_image(fixed.mask, None, field),
                        None if fixed.rgb is None else warp_image(fixed.rgb, None, field))
-    expected = _landmarks_working(prepared_pair(cls.uses_preprocessing))
+    expected = _landmarks_working(prepared)
     points = warp_points(None, field, expected)  # where each fixed point's tissue is in the moving view
     before = float(np.median(np.linalg.norm(points - expected, axis=1)))
     est = _estimate(_instance(cls), fixed, moving)
@@ -373,7 +373,7 @@ def check_recovers_deformation(cls: type[Method]) -> str:
                                                              f"view's {fixed.shape}")
     if problem:
         raise ConformanceError(problem)
-    matrix = _working(est, prepared_pair(cls.uses_preprocessing))
+    matrix = _working(est, prepared)
     after = float(np.median(np.linalg.norm(warp_points(matrix, d, points) - expected, axis=1)))
     text = f"median point error {before:.2f} -> {after:.2f} px (limit {DEFORMATION_GAIN} x before)"
     if not after < DEFORMATION_GAIN * before:
