@@ -1,8 +1,10 @@
 """On-disk cache of prepared pairs, so a second run (or another method) skips the preprocessing.
 
-A pair's key is the SHA-256 of: both image files' *content*, the stage's parameters, ``STAGE_VERSION``
-and the ``full`` flag. A changed file, parameter or stage version therefore misses and recomputes; stale
-entries are never read, only left behind until ``clear()``.
+A pair's key is the SHA-256 of: both image files' *content*, the stage's parameters, ``STAGE_VERSION``,
+the stage's code and library versions (:func:`bench.preprocess.fingerprint.stage_fingerprint`) and the
+``full`` flag. A changed file, parameter, stage version, line of the stage's code or library version
+therefore misses and recomputes (a forgotten ``STAGE_VERSION`` bump cannot serve a pair prepared by older
+code); stale entries are never read, only left behind until ``clear()``.
 
 Each entry is two files under ``<folder>/<key[:2]>/``: ``<key>.npz`` (the colour images, masks and the
 pre-transform; on a close flip call also the other mirror state's moving view and pre-transform, ``alt_*``,
@@ -32,6 +34,7 @@ import numpy as np
 from bench.cachedir import cache_root
 from bench.preprocess import (
     STAGE_VERSION,
+    stage_fingerprint,
     PreparedPair,
     PreprocessParams,
     params_dict,
@@ -72,12 +75,14 @@ def content_digest(path: str | Path) -> str:
 
 
 def cache_key(source: str | Path, target: str | Path, params: PreprocessParams, full: bool) -> str:
-    """The entry key: SHA-256 over both files' content, the parameters, the stage version and ``full``."""
+    """The entry key: SHA-256 over both files' content, the parameters, the stage version, the stage's code and
+    libraries, and ``full``."""
     record = {
         "source": content_digest(source),
         "target": content_digest(target),
         "params": params_dict(params),
         "stage_version": STAGE_VERSION,
+        "stage_code": stage_fingerprint(),
         "full": bool(full),
     }
     return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
@@ -141,7 +146,7 @@ class PreprocessCache:
         npz.parent.mkdir(parents=True, exist_ok=True)
         arrays, meta = _pack(prepared)
         meta.update(key=key, source=str(source), target=str(target), params=params_dict(params),
-                    stage_version=STAGE_VERSION, full=bool(full))
+                    stage_version=STAGE_VERSION, stage_code=stage_fingerprint(), full=bool(full))
         _atomic_write(npz, lambda fh: np.savez(fh, **arrays))
         _atomic_write(meta_path, lambda fh: fh.write(json.dumps(meta, default=_json_default).encode()))
 

@@ -360,7 +360,7 @@ def read_manifest(path: str | Path) -> dict[str, Any] | None:
 
 def run_manifest(plan: Plan) -> dict[str, Any]:
     """``run.json`` of a run of ``plan``: the schema version, command, provenance, dataset, parameters."""
-    from bench import provenance
+    from bench import preprocess, provenance
     from bench.pairs import file_digest
 
     c = plan.config
@@ -380,6 +380,7 @@ def run_manifest(plan: Plan) -> dict[str, Any]:
             "data_roots": [str(r) for r in c.data_roots],
         },
         "preprocess": dataclasses.asdict(plan.preprocess),
+        "preprocess_code": preprocess.stage_fingerprint(),  # the stage's code and libraries (bench.preprocess.fingerprint)
         "methods": {s.name: {"version": s.version, "params": s.params_dict()} for s in plan.specs},
         "skipped_methods": plan.skipped,
         "device": plan.device,

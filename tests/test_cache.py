@@ -72,6 +72,47 @@ def test_key_depends_on_content_params_version_and_stage(tmp_path, pair, monkeyp
     assert cache_key(copy, t, p, True) == key  # content, not path
     monkeypatch.setattr(cache_mod, "STAGE_VERSION", "999")
     assert cache_key(s, t, p, True) != key
+    monkeypatch.undo()
+    assert cache_key(s, t, p, True) == key
+    monkeypatch.setattr(cache_mod, "stage_fingerprint", lambda: "0" * 64)  # other code or libraries
+    assert cache_key(s, t, p, True) != key
+
+
+def test_stage_fingerprint_follows_the_stage_code_only(tmp_path, monkeypatch):
+    """Hidden state across versions (issue 20): an edit anywhere in the code the stage runs, inside its package
+    or in a module it imports (image loading), changes the fingerprint, so the cache misses; an edit elsewhere
+    does not."""
+    import shutil
+
+    from bench.preprocess import fingerprint as fp
+
+    mods = fp.stage_modules()
+    assert {"bench.preprocess.stage", "bench.preprocess.flip", "bench.imageio", "bench.imaging"} <= set(mods)
+    assert not {"bench", "bench.runner", "bench.cache", "bench.report"} & set(mods)
+    copy = tmp_path / "bench"
+    shutil.copytree(fp._ROOT, copy, ignore=shutil.ignore_patterns("__pycache__"))
+
+    def fingerprint_of(root: Path) -> str:
+        monkeypatch.setattr(fp, "_ROOT", root)
+        fp.stage_fingerprint.cache_clear()
+        try:
+            return fp.stage_fingerprint()
+        finally:
+            fp.stage_fingerprint.cache_clear()
+
+    base = fingerprint_of(copy)
+    assert fingerprint_of(copy) == base
+    with (copy / "runner.py").open("a") as fh:
+        fh.write("# an edit outside the stage\n")
+    assert fingerprint_of(copy) == base
+    for module in ("imageio.py", "preprocess/flip.py"):
+        text = (copy / module).read_text()
+        (copy / module).write_text(text + "# an edit of the stage's code\n")
+        assert fingerprint_of(copy) != base, module
+        (copy / module).write_text(text)
+        assert fingerprint_of(copy) == base
+    monkeypatch.setattr(fp, "library_versions", lambda: {"numpy": "0.0"})
+    assert fingerprint_of(copy) != base
 
 
 def test_changed_file_or_parameter_recomputes(tmp_path, pair):

@@ -94,7 +94,8 @@ def _cache_key(identity: str, params: PreprocessParams, input_size: int) -> str:
     from bench import preprocess
 
     text = json.dumps(
-        {"id": identity, "pre": repr(params), "stage": getattr(preprocess, "STAGE_VERSION", "?"), "in": input_size},
+        {"id": identity, "pre": repr(params), "stage": preprocess.STAGE_VERSION, "code": preprocess.stage_fingerprint(),
+         "in": input_size},
         sort_keys=True,
     )
     return hashlib.sha1(text.encode()).hexdigest()[:16]

@@ -24,11 +24,13 @@ Steps of the full stage (see ``docs/preprocessing.md``), and the module that doe
 5. the source (colour, mask, image) is warped by the result ``source_pre`` into the target's frame
    (:mod:`.stage`, which runs the steps: :func:`prepare_pair`).
 
-The parameters and the stage's version are in :mod:`.params`. Warps and the rank-binned mutual information
+The parameters and the stage's version are in :mod:`.params`; what else its results depend on (its code and
+libraries, for the cache's key) in :mod:`.fingerprint`. Warps and the rank-binned mutual information
 are the shared ones of :mod:`bench.imaging`.
 """
 
 from bench.imageio import ImageLoadError
+from bench.preprocess.fingerprint import stage_fingerprint
 from bench.preprocess.flip import texture_mi
 from bench.preprocess.images import view_from
 from bench.preprocess.levels import shift_batch, warp_batch
@@ -48,6 +50,7 @@ __all__ = [
     "prepare_pair",
     "rotation_search",
     "shift_batch",
+    "stage_fingerprint",
     "texture_mi",
     "tissue_mask",
     "view_from",
