@@ -34,11 +34,11 @@ import numpy as np
 from bench.cachedir import cache_root
 from bench.preprocess import (
     STAGE_VERSION,
-    stage_fingerprint,
     PreparedPair,
     PreprocessParams,
     params_dict,
     prepare_pair,
+    stage_fingerprint,
     view_from,
 )
 
