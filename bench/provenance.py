@@ -54,11 +54,12 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
-def package_versions() -> dict[str, str]:
+def package_versions(names: tuple[str, ...] = PACKAGES) -> dict[str, str]:
+    """Installed versions of the distributions ``names`` (absent ones left out)."""
     import importlib.metadata as md
 
     out = {}
-    for n in PACKAGES:
+    for n in names:
         try:
             out[n] = md.version(n)
         except md.PackageNotFoundError:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import ast
 import functools
 import hashlib
-from importlib import metadata
 from pathlib import Path
 
 PACKAGE = "bench"
@@ -82,13 +81,9 @@ def stage_modules() -> list[str]:
 
 def library_versions() -> dict[str, str]:
     """Installed versions of :data:`LIBRARIES` (absent ones left out)."""
-    out = {}
-    for dist in LIBRARIES:
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            continue
-    return out
+    from bench.provenance import package_versions
+
+    return package_versions(LIBRARIES)
 
 
 @functools.cache
