@@ -62,6 +62,9 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--success-threshold", type=float, default=None,
                    help="median rTRE at or below which a pair counts as a success (default 0.035)")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the preprocessing cache")
+    p.add_argument("--no-error-estimate", action="store_true",
+                   help="skip the error_estimate column (a local re-alignment of every ok affine answer: about "
+                   "0.2 s per row, and torch's import once per worker; default on unless HISTREG_BENCH_ERROR_ESTIMATE=0)")
     p.add_argument("--cache-dir", type=Path, help="preprocessing cache folder (default: user cache)")
     p.add_argument("--plugin", action="append", default=[], metavar="PLUGIN", help=_PLUGIN_HELP)
     p.add_argument("--limit", type=int, help="only the first N pairs of the table")
@@ -103,6 +106,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         scheduler=args.scheduler,
         limit=args.limit,
         retry_failed=args.retry_failed,
+        error_estimate=False if args.no_error_estimate else runner.estimate_by_default(),
         command=" ".join(shlex.quote(a) for a in ["python", "-m", "bench", *sys.argv[1:]]),
     )
     try:

@@ -41,6 +41,14 @@ class RunError(Exception):
     """The run cannot start (bad configuration); raised before any work is done."""
 
 
+ESTIMATE_ENV = "HISTREG_BENCH_ERROR_ESTIMATE"  # "0": runs skip the error estimate unless asked (the test suite)
+
+
+def estimate_by_default() -> bool:
+    """Whether a run computes ``error_estimate`` when not told: yes, unless :data:`ESTIMATE_ENV` is 0/false/no."""
+    return os.environ.get(ESTIMATE_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
 @dataclass
 class RunConfig:
     """What the user asked for (the command line, or a caller of :func:`bench.runner.run`)."""
@@ -63,6 +71,7 @@ class RunConfig:
     scheduler: str | None = None  # Dask scheduler address for executor "dask"
     limit: int | None = None  # only the first N pairs
     retry_failed: bool = False  # also rerun rows the method reported as failed (and bad inputs)
+    error_estimate: bool = field(default_factory=estimate_by_default)  # the error_estimate column (a re-alignment)
     command: str = ""
 
 
@@ -101,6 +110,7 @@ class PairTask:
     cache_enabled: bool = True
     plugins: tuple[str, ...] = ()
     split: bool = False  # one of several tasks of this pair (its preprocessing is kept in the worker's memory)
+    error_estimate: bool = True  # score each ok affine answer's error_estimate (bench.quality.estimated_error)
 
 
 @dataclass(frozen=True)
@@ -138,6 +148,7 @@ class Plan:
             cache_dir=str(c.cache_dir) if c.cache_dir else None,
             cache_enabled=c.cache_enabled,
             plugins=c.plugins,
+            error_estimate=c.error_estimate,
         )
 
 

@@ -43,7 +43,8 @@ if TYPE_CHECKING:
     from bench.pairs import Pair
     from bench.plan import MethodSpec, Plan
 
-SCHEMA_VERSION = 3  # 2: quality and time_source columns; 3: start_rtre_median and time_nonrigid_s (nonrigid stages)
+SCHEMA_VERSION = 4  # 2: quality and time_source columns; 3: start_rtre_median and time_nonrigid_s (nonrigid stages);
+# 4: error_estimate (bench.quality.estimated_error)
 RESULTS = "results.csv"
 MANIFEST = "run.json"
 WARPED = "warped-landmarks"
@@ -148,6 +149,7 @@ class Row:
     robustness: float = _column(NUMBER)
     success: bool = _column(BOOL)
     quality: float = _column(NUMBER)
+    error_estimate: float = _column(NUMBER)  # an ok affine answer: landmark-free estimate of its rTRE
     start_rtre_median: float = _column(NUMBER)  # a nonrigid answer: the median rTRE of the affine it started from
     time_s: float = _column(NUMBER)
     time_cpu_s: float = _column(NUMBER)
@@ -186,7 +188,8 @@ class Row:
     @classmethod
     def answered(cls, pair: Pair, spec: MethodSpec, device: str, fallback: Fallback, status: str, error: str,
                  diagnostics: dict[str, Any], wall: float | None, cpu: float | None,
-                 scores: Scores | None = None, quality: float | None = None) -> Row:
+                 scores: Scores | None = None, quality: float | None = None,
+                 error_estimate: float | None = None) -> Row:
         """The row of one method call: ``ok`` with the method's ``scores`` (``unscored`` when the pair has no
         target landmarks), or ``failed``/``timeout`` scored with ``fallback`` (and never a success)."""
         ok = status == Status.OK.value
@@ -201,6 +204,8 @@ class Row:
             row.status = Status.UNSCORED.value
         if ok and quality is not None:
             row.quality = quality
+        if ok and error_estimate is not None:
+            row.error_estimate = error_estimate
         return row
 
     @classmethod
@@ -389,6 +394,7 @@ def run_manifest(plan: Plan) -> dict[str, Any]:
         "executor": plan.executor,
         "timeout_s": plan.timeout_s,
         "success_threshold": plan.success_threshold,
+        "error_estimate": plan.config.error_estimate,
     }
 
 

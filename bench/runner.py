@@ -33,6 +33,7 @@ from bench.plan import (
     RunConfig,
     RunError,
     default_out,
+    estimate_by_default,
     make_plan,
     parse_overrides,
     resolve_device,
@@ -167,4 +168,4 @@ def _store_result(res: PairResult, store: ResultStore, summary: RunSummary) -> N
 
 
 __all__ = ["MethodSpec", "PairTask", "Plan", "RunConfig", "RunError", "RunInterrupted", "RunSummary",
-           "default_out", "make_plan", "parse_overrides", "resolve_device", "run", "run_pair"]
+           "default_out", "estimate_by_default", "make_plan", "parse_overrides", "resolve_device", "run", "run_pair"]

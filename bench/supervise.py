@@ -314,6 +314,8 @@ class Supervisor:
                 yield self._result(row, None)
             return
         spec = next(s for s in rest if s.name == call.method)
+        if call.phase == "scoring":  # the call had returned: the harness's scoring of its answer was lost
+            message = f"{message} (while the harness scored the answer)"
         if call.phase == "warm-up":  # keep the CRASHED prefix first: it decides what a rerun retries
             message = message.replace("the method call", "the first (warm-up) call") if message.startswith(
                 CRASHED) else f"first (warm-up) {message}"

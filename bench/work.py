@@ -80,6 +80,9 @@ PREPARED_KEEP = 8
 PREPARED_MAX_BYTES = 200 * 2**20
 
 
+SCORING_LIMIT_S = 120.0  # the parent's time limit for the harness's scoring of one answer (see _run_method)
+
+
 def _nbytes(prepared: PreparedPair) -> int:
     views = (prepared.fixed, prepared.moving) + ((prepared.alternative.moving,) if prepared.alternative else ())
     arrays = (getattr(v, f.name) for v in views for f in dataclasses.fields(v))
@@ -363,6 +366,10 @@ def _run_method(
         emit("call", {**announce, "phase": phase})
         out = timed(call, device=device, limit_s=task.timeout_s)
         estimate, wall, cpu = out.value, out.wall_s, out.cpu_s
+        # the harness scores the answer now (quality, error estimate: a re-alignment, torch's import at first):
+        # the parent's limit restarts, generous, so a short --timeout never cuts the scoring of a finished call
+        emit("call", {**announce, "phase": "scoring",
+                      "limit": max(SCORING_LIMIT_S, task.timeout_s) if task.timeout_s else None})
         prepared = chosen["prepared"]  # the winning mirror state's preparation (the primary one but on close calls)
         if estimate.frame == "original":
             matrix, working = estimate.matrix, prepared.to_working(estimate.matrix)
@@ -383,6 +390,8 @@ def _run_method(
         if estimate.deformation is not None:
             nonrigid = _nonrigid(task, prepared, estimate, src_lnd, tgt_lnd, wall)
         row_quality = quality.answer_quality(prepared.fixed, prepared.moving, working, estimate.deformation)
+        row_estimate = (quality.estimated_error(prepared.fixed, prepared.moving, working)
+                        if estimate.deformation is None and task.error_estimate else None)
     except CallTimeout as exc:
         status, error = Status.TIMEOUT.value, ("first (warm-up) " if phase == "warm-up" else "") + str(exc)
     except _BadAnswer as exc:
@@ -401,7 +410,7 @@ def _run_method(
     if estimate.deformation is None:
         scores = _scores(task, prepared, matrix, src_lnd, tgt_lnd)
         return Row.answered(pair, spec, device, fallback, status, error, diagnostics, wall, cpu, scores,
-                            row_quality), scores.warped
+                            row_quality, row_estimate), scores.warped
     scores = _scores(task, prepared, matrix, src_lnd, tgt_lnd, warped=nonrigid.warped)
     row = Row.answered(pair, spec, device, fallback, status, error, {**diagnostics, **nonrigid.diagnostics},
                        wall, cpu, scores, row_quality)

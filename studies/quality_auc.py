@@ -10,6 +10,12 @@ Two uses:
     matrix with the current :func:`bench.quality.alignment_quality` (the pair is prepared again with the
     run's preprocessing parameters), for runs written before a change of the score.
 
+``python studies/quality_auc.py estimate PATH [PATH ...]``
+    The harness's ``error_estimate`` (:func:`bench.quality.estimated_error`) recomputed offline, for a run
+    folder's ``ok`` rows (as ``--offline`` does for quality) or a ``generated`` folder's candidates: the AUC of
+    its negation next to quality's, and the shares of successes and failures the verdict "estimate above the
+    success threshold" flags (docs/quality.md, "The error estimate"). Writes ``estimate.csv`` beside.
+
 ``python studies/quality_auc.py cost FOLDER [--pairs N]``
     The cost of the score: median wall time of one quality call and one ``sift`` call on the same prepared
     pairs of a ``generated`` folder, interleaved in one process (compare the ratio, not the times, on a
@@ -153,12 +159,17 @@ def generated_candidates(folder: Path, table: pd.DataFrame, seed: int, disturbed
 # run folders
 
 
-def offline_quality(run: Path, rows: pd.DataFrame) -> pd.Series:
-    """The current score of each ``ok`` row, recomputed from its original-pixel matrix."""
+def _run_params(run: Path) -> PreprocessParams:
+    """The preprocessing parameters a run folder's rows were made with (its run.json)."""
     manifest = json.loads((run / "run.json").read_text())
     pp = manifest.get("preprocess") or manifest.get("preprocess_params") or {}
     fields = {f.name for f in dataclasses.fields(PreprocessParams)}
-    params = PreprocessParams(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in pp.items() if k in fields})
+    return PreprocessParams(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in pp.items() if k in fields})
+
+
+def offline_quality(run: Path, rows: pd.DataFrame) -> pd.Series:
+    """The current score of each ``ok`` row, recomputed from its original-pixel matrix."""
+    params = _run_params(run)
     out = pd.Series(np.nan, index=rows.index)
     for (src, tgt), group in rows.groupby(["source_image", "target_image"]):
         prepared = prepare_pair(src, tgt, params)
@@ -191,6 +202,46 @@ def print_auc(df: pd.DataFrame, by: str) -> None:
         auc = quality.roc_auc(g["quality"], g["success"].astype(bool))
         print(f"  {name:>14}: AUC {auc:.3f}  successes {len(s):3d} (below {cut}: {int((s['quality'] < cut).sum())})"
               f"  failures {len(f):3d} (below: {int((f['quality'] < cut).sum())})")
+
+
+def offline_estimate(run: Path, rows: pd.DataFrame) -> pd.Series:
+    """The error estimate of each ``ok`` row, recomputed from its original-pixel matrix (see offline_quality)."""
+    params = _run_params(run)
+    out = pd.Series(np.nan, index=rows.index)
+    for (src, tgt), group in rows.groupby(["source_image", "target_image"]):
+        prepared = prepare_pair(src, tgt, params)
+        for i, r in group.iterrows():
+            working = prepared.to_working(np.array(json.loads(r["matrix"])))
+            out[i] = quality.estimated_error(prepared.fixed, prepared.moving, working)
+    return out
+
+
+def estimate_report(path: Path) -> None:
+    """Offline ``error_estimate`` of a run folder's ok rows or a generated folder's candidates, and its verdict."""
+    import torch
+
+    torch.set_num_threads(1)
+    if (path / "candidates.csv").exists():
+        df = pd.read_csv(path / "candidates.csv")
+        table = pd.read_csv(path / "truth.csv")
+        df["error_estimate"] = np.nan
+        for _, r in table.iterrows():
+            prepared = prepare_pair(path / r["Source image"], path / r["Target image"], PreprocessParams())
+            for i, c in df[df["pair"] == int(r.iloc[0])].iterrows():
+                df.loc[i, "error_estimate"] = quality.estimated_error(
+                    prepared.fixed, prepared.moving, np.array(json.loads(c["matrix"])))
+    else:
+        df = pd.read_csv(path / "results.csv")
+        df = df[(df["status"] == "ok") & (df["method"] != "identity")].copy()
+        df["error_estimate"] = offline_estimate(path, df)
+    df.to_csv(path / "estimate.csv", index=False)
+    y = df["success"].astype(bool)
+    e = df["error_estimate"].to_numpy(float)
+    flagged = np.isfinite(e) & (e > SUCCESS)
+    print(f"{path}: {len(df)} rows ({int(y.sum())} successes / {int((~y).sum())} failures); AUC estimate "
+          f"{quality.roc_auc(-e, y):.3f}, quality {quality.roc_auc(df['quality'], y):.3f}; estimate > {SUCCESS}: "
+          f"{int((flagged & y).sum())} successes ({100 * (flagged & y).sum() / max(1, y.sum()):.1f} %), "
+          f"{int((flagged & ~y).sum())} failures ({100 * (flagged & ~y).sum() / max(1, (~y).sum()):.0f} %)")
 
 
 def cost(folder: Path, n_pairs: int, repeats: int = 3) -> None:
@@ -234,12 +285,18 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--stain-jitter", type=float, default=0.12, help="the generator's stain colour spread")
     g.add_argument("--disturbed", type=int, default=8, help="disturbed truths per pair")
     g.add_argument("--methods", default=",".join(METHODS), help="methods whose results are candidates")
+    e = sub.add_parser("estimate", help="the error estimate offline: run folders or generated folders")
+    e.add_argument("paths", nargs="+", type=Path)
     c = sub.add_parser("cost", help="time quality vs a sift call on the pairs of a generated folder")
     c.add_argument("folder", type=Path)
     c.add_argument("--pairs", type=int, default=8)
     a = ap.parse_args(argv)
     if a.cmd == "cost":
         cost(a.folder, a.pairs)
+        return
+    if a.cmd == "estimate":
+        for path in a.paths:
+            estimate_report(path)
         return
     if a.cmd == "runs":
         report_runs(a.runs, [m for m in a.methods.split(",") if m] or None, a.offline)

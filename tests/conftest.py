@@ -15,6 +15,7 @@ import pytest
 from bench import geometry
 from bench.cachedir import CACHE_ENV
 from bench.pairs import write_landmarks
+from bench.plan import ESTIMATE_ENV
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "anhir-mini"
 _CACHE_KEY = pytest.StashKey[tuple]()
@@ -26,19 +27,23 @@ def pytest_configure(config: pytest.Config) -> None:
     if os.environ.get("PYTEST_XDIST_WORKER"):
         return  # a worker inherited the controller's folder with its environment
     folder = tempfile.mkdtemp(prefix="histreg-bench-tests-")
-    config.stash[_CACHE_KEY] = (folder, os.environ.get(CACHE_ENV))
+    config.stash[_CACHE_KEY] = (folder, os.environ.get(CACHE_ENV), os.environ.get(ESTIMATE_ENV))
     os.environ[CACHE_ENV] = folder
+    # runs skip the error estimate (a re-alignment per row, torch in every worker) unless a test asks for it
+    # (tests/test_quality.py's estimate tests, RunConfig(error_estimate=True)): the suite stays fast
+    os.environ[ESTIMATE_ENV] = "0"
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    folder, before = config.stash.get(_CACHE_KEY, (None, None))
+    folder, before, estimate = config.stash.get(_CACHE_KEY, (None, None, None))
     if folder is None:
         return
     shutil.rmtree(folder, ignore_errors=True)
-    if before is None:
-        os.environ.pop(CACHE_ENV, None)
-    else:
-        os.environ[CACHE_ENV] = before
+    for name, value in ((CACHE_ENV, before), (ESTIMATE_ENV, estimate)):
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture

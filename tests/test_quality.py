@@ -171,3 +171,55 @@ def test_elastix_ending_uses_the_shared_checks(pair, other):
     np.testing.assert_allclose(est.matrix, truth)
     with pytest.raises(RegistrationFailed, match="shared structure.*Mattes MI"):
         Elastix()._checked(fixed, other[1], np.eye(3), np.eye(3), {})
+
+
+# ---------------------------------------------------------------------------------------------
+# the harness's error estimate (a local re-alignment from the answer)
+
+
+@pytest.mark.parametrize("which", ["pair", "other"])
+def test_estimated_error_follows_the_true_error(which, request):
+    """The estimate of the right alignment is small; an alignment moved by 2-5 % of the diagonal (either side of
+    the 0.035 success threshold) is estimated at about that error; it is a fraction of the diagonal."""
+    fixed, moving, truth = request.getfixturevalue(which)
+    diag = np.hypot(*fixed.shape)
+    assert quality.estimated_error(fixed, moving, truth) < 0.01
+    for frac, (dx, dy) in ((0.02, (1, 0)), (0.05, (0, 1)), (0.04, (0.6, -0.8))):
+        off = geometry.translation(frac * diag * dx, frac * diag * dy) @ truth
+        est = quality.estimated_error(fixed, moving, off)
+        assert abs(est - frac) < 0.01, f"moved by {frac}: estimated {est:.4f}"
+
+
+def test_estimated_error_without_tissue_is_nan(pair):
+    fixed, moving, truth = pair
+    away = geometry.translation(10 * fixed.shape[1], 0) @ truth  # the moving tissue leaves the frame
+    assert np.isnan(quality.estimated_error(fixed, moving, away))
+
+
+def test_runs_write_the_error_estimate_of_affine_rows_when_asked(tiny_table):
+    """``error_estimate`` on every ok affine row of a run that asks for it (recorded in run.json), close to the
+    row's rTRE; absent from nonrigid rows and from runs that skip it (``--no-error-estimate``)."""
+    import json
+
+    import pandas as pd
+
+    from bench.plan import RunConfig, estimate_by_default, make_plan
+    from bench.runner import run
+
+    assert not estimate_by_default()  # the suite's conftest turns the default off (HISTREG_BENCH_ERROR_ESTIMATE=0)
+    frames = {}
+    for on in (True, False):
+        out = tiny_table.parent / f"run-{on}"
+        run(make_plan(RunConfig(dataset=tiny_table, methods="preprocessed,sift,preprocessed>demons", device="cpu",
+                                cache_enabled=False, out=out, error_estimate=on, limit=2)))
+        frames[on] = pd.read_csv(out / "results.csv")
+        assert json.loads((out / "run.json").read_text())["error_estimate"] is on
+    on, off = frames[True], frames[False]
+    affine = on[on.method.isin(["preprocessed", "sift"]) & (on.status == "ok")]
+    assert len(affine) == 4 and affine.error_estimate.notna().all()
+    assert (affine.error_estimate - affine.rtre_median).abs().max() < 0.01
+    assert on[on.method == "preprocessed>demons"].error_estimate.isna().all()
+    assert off.error_estimate.isna().all()
+    same = ["pair_id", "method", "status", "rtre_median", "matrix", "quality", "success"]
+    diff = [c for c in same if not off[c].equals(on[c])]
+    assert not diff, diff  # the estimate changes nothing else

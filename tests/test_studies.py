@@ -248,6 +248,13 @@ def test_quality_auc_generated_design_set_sizes_gray_and_candidates(tmp_path):
     assert len(cands) == 2 * (2 + 3) and set(cands["kind"]) == {"truth", "preprocessed", "disturbed"}
     truth = cands[cands["kind"] == "truth"]
     assert (truth["rtre"] < 0.01).all() and truth["success"].all() and (truth["quality"] > 0).all()
+    # the error estimate offline, on the same candidates
+    table.to_csv(tmp_path / "truth.csv", index=False)
+    cands.to_csv(tmp_path / "candidates.csv", index=False)
+    quality_auc.main(["estimate", str(tmp_path)])
+    est = pd.read_csv(tmp_path / "estimate.csv")
+    assert len(est) == len(cands) and est["error_estimate"].notna().all()
+    assert (est.loc[est["kind"] == "truth", "error_estimate"] < 0.02).all()
 
 
 def test_frame_cut_pairs_cuts_and_moves_with_the_landmarks_inside(tiny_table, tmp_path):

@@ -94,7 +94,8 @@ def _write_tables(df: pd.DataFrame, out: Path, multi: bool, threshold: float, ru
         "bootstrap": stats.bootstrap_table(df),
         "wilcoxon": stats.paired_tests(df),
         "quality": reliability.quality_table(df, q_threshold),
-        "likely_failed": reliability.likely_failed(df, q_threshold),
+        "estimate": reliability.estimate_table(df, threshold),
+        "likely_failed": reliability.likely_failed(df, q_threshold, estimate_above=threshold),
         "composed": tables.composition_table(df),
         "downstream": nonrigid.downstream_table(df),
         "proxy": nonrigid.proxy_table(df, threshold),
@@ -105,8 +106,8 @@ def _write_tables(df: pd.DataFrame, out: Path, multi: bool, threshold: float, ru
     for name in ("table1", "per_tissue", "per_pair_status"):
         tables.write_table(t[name], tdir, name, tables.display_columns(t[name], multi), captions[name],
                            _table_notes(runs, t[name]))
-    for name in ("status_counts", "initial", "bootstrap", "wilcoxon", "quality", "likely_failed", "composed",
-                 "downstream", "proxy"):
+    for name in ("status_counts", "initial", "bootstrap", "wilcoxon", "quality", "estimate", "likely_failed",
+                 "composed", "downstream", "proxy"):
         tables.write_table(t[name], tdir, name, list(t[name].columns), name.replace("_", " "))
     return t
 
@@ -148,6 +149,7 @@ def _tables_html(t, multi: bool, out: Path) -> dict[str, str]:
         "bootstrap": show("bootstrap", list(t["bootstrap"].columns)),
         "wilcoxon": show("wilcoxon", list(t["wilcoxon"].columns)),
         "quality": show("quality", list(t["quality"].columns)),
+        "estimate": show("estimate", list(t["estimate"].columns)),
         "likely_failed": show("likely_failed", list(t["likely_failed"].columns)),
         "downstream": show("downstream", list(t["downstream"].columns)),
         "proxy": show("proxy", list(t["proxy"].columns)),
@@ -190,7 +192,8 @@ scored, Holm-adjusted over all comparisons; 95 % percentile bootstrap intervals 
 </ul>"""
 
 
-def _quality_html(t, figs, q_threshold: float, q_source: str, out: Path, th: dict[str, str]) -> str:
+def _quality_html(t, figs, q_threshold: float, q_source: str, out: Path, th: dict[str, str],
+                  threshold: float) -> str:
     q = t["quality"]
     if q.empty or int(q["n_rows"].iloc[0]) == 0:
         return ('<p class="note">No scored ok row has a quality score (older runs, imported rows or no target '
@@ -208,12 +211,27 @@ def _quality_html(t, figs, q_threshold: float, q_source: str, out: Path, th: dic
     fig = page.figure(figs["quality_roc"]["png"], "ROC of quality as a predictor of success, per method and "
                       "overall (a method whose rated rows all succeeded, or all failed, has no curve); circle: the "
                       "likely-failed threshold.", _figure_links(figs["quality_roc"], out))
+    est = t["estimate"]
+    est_text = ""
+    if len(est) and int(est["n_rows"].iloc[0]):
+        e = est.iloc[0]
+        est_text = (
+            "<h3>Estimated error</h3><p>The landmark-free <code>error_estimate</code> of every ok affine row (how "
+            "far a local re-alignment by <code>affine-io</code>, started from the answer, moves the tissue, as a "
+            "fraction of the diagonal: an estimate of the row's rTRE) against the landmark verdict, over "
+            f"{int(e['n_rows'])} scored ok rows: ROC AUC <b>{e['auc']:.3f}</b> (of its negation). Rows with an "
+            f"estimate above the success threshold <b>{threshold:g}</b> are flagged <em>likely failed</em> (the "
+            "estimate decides where there is one; quality decides for rows without it): "
+            f"{int(e['flagged_failed'])} of {int(e['n_failure'])} failures and {int(e['flagged_succeeded'])} of "
+            f"{int(e['n_success'])} successes here.</p>" + th["estimate"]
+        )
     lf = t["likely_failed"]
     lf_text = (
-        f"<p>{len(lf)} row(s), scored or not, have a quality below {q_threshold:g}: this is the list a user of "
-        "pairs without target landmarks (ANHIR's evaluation split) would check by eye.</p>"
+        f"<p>{len(lf)} row(s), scored or not, have an error estimate above {threshold:g} or, without an "
+        f"estimate, a quality below {q_threshold:g}: this is the list a user of pairs without target landmarks "
+        "(ANHIR's evaluation split) would check by eye.</p>"
     )
-    return text + th["quality"] + fig + "<h3>Likely failed</h3>" + lf_text + th["likely_failed"]
+    return text + th["quality"] + fig + est_text + "<h3>Likely failed</h3>" + lf_text + th["likely_failed"]
 
 
 def _downstream_html(t, figs, threshold: float, out: Path, th: dict[str, str]) -> str:
@@ -279,7 +297,7 @@ def _sections(runs, df, t, figs, gal, notes, threshold, out: Path, multi: bool, 
         page.section("per-status", th["per-status"]),
         page.section("figure2", fig2),
         page.section("plots", plot_html),
-        page.section("quality", _quality_html(t, figs, q_threshold, q_source, out, th)),
+        page.section("quality", _quality_html(t, figs, q_threshold, q_source, out, th, threshold)),
         page.section("downstream", _downstream_html(t, figs, threshold, out, th)),
         page.section("statistics", "<h3>Bootstrap 95 % intervals</h3>" + th["bootstrap"]
                      + "<h3>Paired Wilcoxon signed-rank tests (per-pair median rTRE)</h3>" + th["wilcoxon"]),
@@ -311,9 +329,16 @@ def _markdown_report(title: str, subtitle: str, runs, df, t, figs, notes, thresh
     lines += ["## Quality: does the landmark-free score predict success?", ""]
     if len(q) and int(q["n_rows"].iloc[0]):
         lines += [f"ROC AUC over all methods: **{q['auc'].iloc[0]:.3f}** ({int(q['n_rows'].iloc[0])} scored ok "
-                  f"rows). Likely failed: quality below {q_threshold:g} ({q_source}); "
-                  f"{len(t['likely_failed'])} row(s), listed in `tables/likely_failed.md`.", ""]
+                  f"rows). Likely failed: an error estimate above {threshold:g}, or, without one, quality below "
+                  f"{q_threshold:g} ({q_source}); {len(t['likely_failed'])} row(s), listed in "
+                  "`tables/likely_failed.md`.", ""]
         lines += [tables.to_markdown(q, list(q.columns))]
+        est = t["estimate"]
+        if len(est) and int(est["n_rows"].iloc[0]):
+            lines += ["", f"Estimated error (landmark-free, `error_estimate`): ROC AUC **{est['auc'].iloc[0]:.3f}**; "
+                      f"rows above the success threshold {threshold:g} are flagged likely failed (the estimate "
+                      "decides where there is one).", ""]
+            lines += [tables.to_markdown(est, list(est.columns))]
     else:
         lines += ["No scored ok row has a quality score.", ""]
     if not t["downstream"].empty:

@@ -36,7 +36,7 @@ from bench.report.load import FAILURE_STATUSES
 NUMBER_COLUMNS = (
     "median_rtre", "average_rtre", "average_max_rtre", "mean_time_ms", "mean_time_ref", "median_time_ms",
     "median_time_ref", "success_rate_pct", "flagged_failed", "flagged_succeeded", "unflagged_failed", "n_rows", "n_success", "n_failure", "auc", "quality",
-    "rtre_median",
+    "error_estimate", "rtre_median",
     "robustness_mean", "pairs_scored", "failures", "n", "median_a", "median_b", "median_difference",
     "a_better_pct", "statistic", "p_value", "p_holm", "n_evaluable", "success_ci_low_pct",
     "success_ci_high_pct", "n_scored", "median_rtre_ci_low", "median_rtre_ci_high", "ok", "failed",
@@ -78,6 +78,8 @@ DISPLAY = {
     "method": "Method",
     "status": "Status",
     "quality": "Quality",
+    "error_estimate": "Error estimate",
+    "flagged_by": "Flagged by",
     "rtre_median": "Pair's median rTRE",
     "success": "Success",
     "n_rows": "Rows",
@@ -117,7 +119,7 @@ DISPLAY = {
 SIGNIFICANT = ("p_value", "p_holm", "mean_time_ref", "median_time_ref")  # 3 significant digits: × ref spans decades
 DECIMALS = {
     "median_rtre": 4, "average_rtre": 4, "average_max_rtre": 4, "mean_time_ms": 2, "mean_time_ref": 3,
-    "median_time_ms": 2, "median_time_ref": 3, "auc": 3, "quality": 3, "rtre_median": 4,
+    "median_time_ms": 2, "median_time_ref": 3, "auc": 3, "quality": 3, "error_estimate": 4, "rtre_median": 4,
     "success_rate_pct": 2, "robustness_mean": 3, "median_a": 4, "median_b": 4, "median_difference": 4,
     "a_better_pct": 1, "statistic": 1, "success_ci_low_pct": 2, "success_ci_high_pct": 2,
     "median_rtre_ci_low": 4, "median_rtre_ci_high": 4, "downstream_success_pct": 1, "converged_pct": 1,
