@@ -206,7 +206,8 @@ def _quality_html(t, figs, q_threshold: float, q_source: str, out: Path, th: dic
         f"{int(overall['n_failure'])} not): ROC AUC <b>{overall['auc']:.3f}</b> over all methods "
         "(1 = quality ranks every success above every failure, 0.5 = no better than chance). "
         f"Rows with quality below <b>{q_threshold:g}</b> ({_html.escape(q_source)}) are flagged "
-        "<em>likely failed</em>.</p>"
+        "<em>likely failed</em> when they have no error estimate (below); the table counts how this threshold "
+        "alone splits the rows.</p>"
     )
     fig = page.figure(figs["quality_roc"]["png"], "ROC of quality as a predictor of success, per method and "
                       "overall (a method whose rated rows all succeeded, or all failed, has no curve); circle: the "
