@@ -857,3 +857,23 @@ def test_report_on_real_anhir_pairs(tmp_path):
     report_path = build_report([run])
     table = check_report_against_results(run, report_path.parent)
     assert table.loc["identity", "pairs_scored"] == 12
+
+
+def test_likely_failed_uses_the_error_estimate_where_there_is_one():
+    """The verdict: an estimate above the success threshold flags a row whatever its quality; a row without an
+    estimate (nonrigid, or a run that skipped it) is flagged by quality; estimate_table counts the estimate's
+    split and its AUC is that of the negated estimate."""
+    df = pd.DataFrame({
+        "label": ["a", "a", "a", "b", "b", "b"], "pair_id": list("012012"), "tissue": "t", "pair_status": "training",
+        "status": "ok", "scored": True,
+        "quality": [0.8, 3.0, 2.0, 0.5, 5.0, 0.9],  # low quality on rows 0 and 3 (and 5)
+        "error_estimate": [0.01, 0.05, 0.002, np.nan, np.nan, 0.02],
+        "rtre_median": [0.012, 0.048, 0.003, 0.2, 0.004, 0.021], "success": [True, False, True, False, True, True],
+    })
+    lf = reliability.likely_failed(df, 1.0, estimate_above=0.035)
+    flagged = {(r.label, r.pair_id): r.flagged_by for r in lf.itertuples()}
+    assert flagged == {("a", "1"): "error estimate", ("b", "0"): "quality"}  # not a-0 nor b-2: their estimate is low
+    est = reliability.estimate_table(df, 0.035).set_index("label")
+    assert est.loc["all methods", "n_rows"] == 4  # rows with an estimate
+    assert (est.loc["all methods", "flagged_failed"], est.loc["all methods", "flagged_succeeded"]) == (1, 0)
+    assert est.loc["a", "auc"] == pytest.approx(1.0)
