@@ -294,7 +294,8 @@ def estimated_error(fixed: Any, moving: Any, matrix: np.ndarray) -> float:
     on generated and real sets, error_estimate > 0.035 flags 88-96 % of the failures and 0-1.3 % of the
     successes). A re-alignment that cannot improve the similarity returns the answer as it is: estimate 0 (an
     answer stuck in a wrong optimum can look right; ``quality`` still flags most of those). NaN when it cannot
-    be measured (no tissue in either view, or the refiner fails).
+    be measured (no tissue in either view, or the refiner fails). Computed on one torch thread, so a row's
+    estimate is the same whatever the run's number of workers (torch's reductions differ by thread count).
     """
     from bench.geometry import apply, as_3x3
     from bench.method import Context
@@ -308,10 +309,16 @@ def estimated_error(fixed: Any, moving: Any, matrix: np.ndarray) -> float:
         refiner = registry.get(ESTIMATE_REFINER)()
         refiner.prepare(Context())
         _REFINERS[ESTIMATE_REFINER] = refiner
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread whatever the worker's: the same value in serial and parallel runs
     try:
         again = as_3x3(_REFINERS[ESTIMATE_REFINER].estimate(fixed, warped, Context(seed=0)).matrix)
     except RegistrationFailed:
         return float("nan")
+    finally:
+        torch.set_num_threads(threads)
     h, w = fixed.shape
     step = max(1, max(h, w) // ESTIMATE_POINTS)
     ys, xs = np.nonzero(fixed.mask[::step, ::step])

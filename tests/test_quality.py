@@ -223,3 +223,21 @@ def test_runs_write_the_error_estimate_of_affine_rows_when_asked(tiny_table):
     same = ["pair_id", "method", "status", "rtre_median", "matrix", "quality", "success"]
     diff = [c for c in same if not off[c].equals(on[c])]
     assert not diff, diff  # the estimate changes nothing else
+
+
+def test_estimated_error_does_not_depend_on_the_thread_count(pair):
+    """Serial runs give their worker every thread, parallel ones one each: the estimate must not follow."""
+    import torch
+
+    fixed, moving, truth = pair
+    off = geometry.translation(9.0, -6.0) @ truth
+    before = torch.get_num_threads()
+    try:
+        values = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            values.append(quality.estimated_error(fixed, moving, off))
+            assert torch.get_num_threads() == n  # restored
+    finally:
+        torch.set_num_threads(before)
+    assert values[0] == values[1]
