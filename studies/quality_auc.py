@@ -167,15 +167,16 @@ def _run_params(run: Path) -> PreprocessParams:
     return PreprocessParams(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in pp.items() if k in fields})
 
 
-def offline_quality(run: Path, rows: pd.DataFrame) -> pd.Series:
-    """The current score of each ``ok`` row, recomputed from its original-pixel matrix."""
+def offline_quality(run: Path, rows: pd.DataFrame, score=quality.alignment_quality) -> pd.Series:
+    """The current ``score`` (quality, or :func:`bench.quality.estimated_error`) of each ``ok`` row, recomputed
+    from its original-pixel matrix (the pair prepared again with the run's parameters)."""
     params = _run_params(run)
     out = pd.Series(np.nan, index=rows.index)
     for (src, tgt), group in rows.groupby(["source_image", "target_image"]):
         prepared = prepare_pair(src, tgt, params)
         for i, r in group.iterrows():
             working = prepared.to_working(np.array(json.loads(r["matrix"])))
-            out[i] = quality.alignment_quality(prepared.fixed, prepared.moving, working)
+            out[i] = score(prepared.fixed, prepared.moving, working)
     return out
 
 
@@ -204,18 +205,6 @@ def print_auc(df: pd.DataFrame, by: str) -> None:
               f"  failures {len(f):3d} (below: {int((f['quality'] < cut).sum())})")
 
 
-def offline_estimate(run: Path, rows: pd.DataFrame) -> pd.Series:
-    """The error estimate of each ``ok`` row, recomputed from its original-pixel matrix (see offline_quality)."""
-    params = _run_params(run)
-    out = pd.Series(np.nan, index=rows.index)
-    for (src, tgt), group in rows.groupby(["source_image", "target_image"]):
-        prepared = prepare_pair(src, tgt, params)
-        for i, r in group.iterrows():
-            working = prepared.to_working(np.array(json.loads(r["matrix"])))
-            out[i] = quality.estimated_error(prepared.fixed, prepared.moving, working)
-    return out
-
-
 def estimate_report(path: Path) -> None:
     """Offline ``error_estimate`` of a run folder's ok rows or a generated folder's candidates, and its verdict."""
     import torch
@@ -233,7 +222,7 @@ def estimate_report(path: Path) -> None:
     else:
         df = pd.read_csv(path / "results.csv")
         df = df[(df["status"] == "ok") & (df["method"] != "identity")].copy()
-        df["error_estimate"] = offline_estimate(path, df)
+        df["error_estimate"] = offline_quality(path, df, quality.estimated_error)
     df.to_csv(path / "estimate.csv", index=False)
     y = df["success"].astype(bool)
     e = df["error_estimate"].to_numpy(float)
