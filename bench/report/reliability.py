@@ -47,22 +47,22 @@ def rated_rows(df: pd.DataFrame, column: str = "quality") -> pd.DataFrame:
     return df[df["scored"].to_numpy(bool) & (df["status"] == "ok").to_numpy() & np.isfinite(q)]
 
 
-def quality_table(df: pd.DataFrame, threshold: float, column: str = "quality") -> pd.DataFrame:
+def quality_table(df: pd.DataFrame, threshold: float, column: str = "quality",
+                  higher_is_better: bool = True) -> pd.DataFrame:
     """One row for all methods together, then one per method label: rows rated, successes, failures, AUC,
     and how the ``threshold`` splits them (rows flagged "likely failed" that did fail / succeed).
 
-    ``column``: ``quality`` (higher = better; flagged below ``threshold``) or ``error_estimate`` (lower =
-    better: the AUC is that of its negation; flagged above ``threshold``)."""
+    ``column``: the landmark-free score; ``higher_is_better`` (``quality``): flagged below ``threshold``;
+    otherwise (``error_estimate``): flagged above it, and the AUC is that of its negation."""
     rated = rated_rows(df, column)
     groups = [("all methods", rated)] + [(lab, g) for lab, g in rated.groupby("label", sort=False)]
     records = []
     for label, rows in groups:
         q = rows[column].to_numpy(float)
         y = rows["success"].to_numpy(bool)
-        if column == "error_estimate":
-            q, flagged = -q, q > threshold
-        else:
-            flagged = q < threshold
+        flagged = q < threshold if higher_is_better else q > threshold
+        if not higher_is_better:
+            q = -q
         records.append({
             "label": label,
             "n_rows": int(len(rows)),
@@ -82,7 +82,7 @@ def quality_table(df: pd.DataFrame, threshold: float, column: str = "quality") -
 
 def estimate_table(df: pd.DataFrame, threshold: float) -> pd.DataFrame:
     """:func:`quality_table` of ``error_estimate`` against the success ``threshold``."""
-    return quality_table(df, threshold, "error_estimate")
+    return quality_table(df, threshold, "error_estimate", higher_is_better=False)
 
 
 def likely_failed(df: pd.DataFrame, threshold: float, estimate_above: float = math.inf) -> pd.DataFrame:
